@@ -1,0 +1,282 @@
+"""Load and save checkpoints in the Hugging Face DiffusionGemma layout (safetensors only, never pickles).
+
+Layout (spec 1.5): `model.decoder.*` holds every shared text weight, `model.encoder.language_model.layers.{i}.
+layer_scalar` the encoder-mode scalars, `model.encoder.vision_tower.*` / `model.encoder.embed_vision.*` the vision
+tower. There is no `lm_head.weight` (tied to the embedding). A single `model.safetensors` or shards listed in
+`model.safetensors.index.json`.
+
+Loading builds the model on the meta device and moves each tensor in from the memory-mapped file one at a time, so
+no second full copy is ever held. Every expected tensor must be present and no unexpected one left; errors list the
+offending names. Vision tensors are not loaded (dgemma is text-only for now) but are carried over on save, so a
+load/save round trip keeps the checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ConfigError, GenerationConfig, ModelConfig
+from .model import DiffusionGemma
+
+log = logging.getLogger("dgemma")
+
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_vision_warned: set[str] = set()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, corrupt or holds unexpected tensors."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def to_checkpoint_name(name: str) -> str:
+    """dgemma parameter name -> checkpoint tensor name."""
+    m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", name)
+    if m:
+        return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    return "model.decoder." + name
+
+
+def from_checkpoint_name(name: str) -> str | None:
+    """checkpoint tensor name -> dgemma parameter name (None for names dgemma does not model)."""
+    m = _ENCODER_SCALAR.match(name)
+    if m:
+        return f"layers.{m.group(1)}.encoder_layer_scalar"
+    if name.startswith("model.decoder."):
+        return name[len("model.decoder."):]
+    return None
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns: the model, its configs, and where it came from."""
+
+    model: DiffusionGemma
+    config: ModelConfig
+    generation: GenerationConfig
+    path: Path
+    passthrough: dict[str, Path] = field(default_factory=dict)  # tensor name -> file (vision tower, kept on save)
+
+
+def weight_files(path: Path) -> list[Path]:
+    index, single = path / INDEX, path / WEIGHTS
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) listed but missing: {missing}")
+        return files
+    if single.is_file():
+        return [single]
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    if pickles:
+        raise CheckpointError(f"{path}: only pickle weights found ({pickles}); dgemma loads safetensors only "
+                              "(convert with transformers: save_pretrained(..., safe_serialization=True))")
+    raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX} found")
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    config = ModelConfig.from_file(path / "config.json")
+    generation = GenerationConfig.from_file(path / "generation_config.json")
+    files = weight_files(path)
+    want = parse_dtype(dtype)
+
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = {to_checkpoint_name(n): n for n in list(dict(model.named_parameters())) +
+                [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
+    found: set[str] = set()
+    unexpected, passthrough = [], {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for name in f.keys():
+                if name.startswith(_VISION):
+                    passthrough[name] = file
+                    continue
+                if name == "lm_head.weight":
+                    continue  # tied to the embedding; some exporters write it anyway
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                _assign(model, expected[name], _read(f, name, file, want), name, file)
+                found.add(name)
+    missing = sorted(set(expected) - found)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_names(sorted(unexpected))}")
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json - " + "; ".join(parts))
+    if config.has_vision and str(path) not in _vision_warned:
+        _vision_warned.add(str(path))
+        log.warning("%s has a vision tower: loading the text model only (images are not supported yet)", path)
+    _materialise_rope(model)
+    model.to(device)
+    model.eval()
+    return Checkpoint(model, config, generation, path, passthrough)
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _read(f, name: str, file: Path, want: torch.dtype | None) -> torch.Tensor:
+    try:
+        t = f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{file}: tensor {name} cannot be read ({e}); the file may be truncated") from None
+    if t.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+    return t if want is None or t.dtype == want else t.to(want)
+
+
+def _assign(model: nn.Module, pname: str, t: torch.Tensor, name: str, file: Path) -> None:
+    mod_name, _, attr = pname.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    cur = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    if cur is not None and tuple(cur.shape) != tuple(t.shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                              f"{tuple(cur.shape)}")
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[attr] = t
+
+
+def _materialise_rope(model: DiffusionGemma) -> None:
+    from .rope import inv_frequencies
+    from .config import SLIDING
+    t = model.text
+    for name, buf in list(model.named_buffers()):
+        if name.startswith("inv_freq_"):
+            lt = name[len("inv_freq_"):]
+            dim = t.head_dim if lt == SLIDING else t.global_head_dim
+            model._buffers[name] = inv_frequencies(t.rope[lt], dim)
+
+
+def save(model: DiffusionGemma, out: str | Path, generation: GenerationConfig | None = None,
+         passthrough: dict[str, Path] | None = None, dtype: torch.dtype | None = None,
+         max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write the HF layout (config.json, generation_config.json, safetensors shards + index) atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {to_checkpoint_name(n): t for n, t in model.state_dict().items() if "inv_freq" not in n}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            t = tensors[name].detach()
+            if dtype is not None:
+                t = t.to(dtype)
+            t = t.contiguous().cpu()
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        extra = _passthrough_shards(passthrough or {})
+        all_shards = shards + extra
+        weight_map, total = {}, 0
+        n = len(all_shards)
+        for i, shard in enumerate(all_shards):
+            fname = WEIGHTS if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            for k, t in shard.items():
+                weight_map[k] = fname
+                total += t.numel() * t.element_size()
+        if n > 1:
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2, sort_keys=True))
+        cfg = model.config.to_dict()
+        cfg["dtype"] = str(dtype or model.dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps((generation or GenerationConfig()).to_dict(), indent=2))
+        if out.exists():
+            backup = out.with_name(out.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _passthrough_shards(passthrough: dict[str, Path]) -> list[dict[str, torch.Tensor]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, file in passthrough.items():
+        by_file.setdefault(file, []).append(name)
+    shards = []
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            shards.append({n: f.get_tensor(n) for n in sorted(names)})
+    return shards
+
+
+def resolve(model: str | Path) -> Path:
+    """A local folder, or a Hugging Face Hub id fetched (or found in the local HF cache) with huggingface_hub."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: expected a checkpoint folder, got a file")
+        return p
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(model)) is None:
+        raise CheckpointError(f"{model}: no such folder, and not a Hugging Face Hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id=str(model), allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]))
+    except Exception as e:
+        raise CheckpointError(f"{model}: cannot fetch from the Hugging Face Hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no network?'}); pass a local folder "
+                              "or set HF_HUB_OFFLINE=1 with the model in the local cache") from None
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "load", "save", "resolve", "parse_dtype"]

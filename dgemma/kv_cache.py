@@ -1,0 +1,190 @@
+"""The KV cache of committed tokens, and the two kinds of forward segment that use it.
+
+`KVCache` is preallocated per sequence *slot*, with a per-slot length, so one forward can batch many sequences of
+different lengths. Full-attention layers keep every position up to `capacity`. Sliding layers keep only the last
+`sliding_window - 1` positions (exactly what the reference's sliding cache keeps, and all that a sliding query can
+see), so a 262,144-token context costs full-length KV only in the full layers.
+
+Buffers are laid out [slot, position, kv_head, head_dim], so writing a row's new tokens is one contiguous copy.
+Sliding buffers hold a slot's last `min(length, window)` tokens left-aligned, oldest first.
+
+- `EncodeSegment`: causal rows (prompt prefill, canvas commit). Attends to the cache plus its own tokens, causally,
+  with the sliding window; appends its tokens to the cache; `finish()` advances the slot lengths.
+- `DecodeSegment`: bidirectional canvases. Attends to the cache (sliding layers: the whole kept window) plus the
+  whole canvas. Reads only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TextConfig
+from .model import attention
+
+
+class KVCache:
+    def __init__(self, cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        if capacity <= 0 or num_slots <= 0:
+            raise ValueError(f"KVCache needs num_slots > 0 and capacity > 0, got {num_slots} and {capacity}")
+        self.cfg, self.num_slots, self.capacity = cfg, num_slots, capacity
+        self.window = cfg.sliding_window - 1  # tokens a sliding layer keeps
+        self.k: list[torch.Tensor] = []  # per layer: [slots, positions kept, kv_heads, head_dim]
+        self.v: list[torch.Tensor] = []
+        self.sliding: list[bool] = []
+        for i in range(cfg.num_hidden_layers):
+            sliding = cfg.is_sliding(i)
+            size = min(capacity, self.window) if sliding else capacity
+            shape = (num_slots, size, cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.sliding.append(sliding)
+        self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [slots] committed tokens (positions) per slot
+
+    @staticmethod
+    def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype) -> int:
+        per = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for i in range(cfg.num_hidden_layers):
+            size = min(capacity, cfg.sliding_window - 1) if cfg.is_sliding(i) else capacity
+            total += 2 * size * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i)
+        return total * per * num_slots
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def kept(self, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """How many cached positions of each row a layer holds: [B]."""
+        return lengths.clamp(max=self.k[layer].shape[1])
+
+    def gather(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n kept positions of each slot's buffer: k, v [B, n, Hkv, d] (a view when slots is one slot)."""
+        k, v = self.k[layer], self.v[layer]
+        if slots.numel() == 1:
+            s = int(slots[0])
+            return k[s:s + 1, :n], v[s:s + 1, :n]
+        return k[slots, :n], v[slots, :n]
+
+    def append(self, layer: int, slot: int, length: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens."""
+        n = k.shape[0]
+        bk, bv = self.k[layer], self.v[layer]
+        if not self.sliding[layer]:
+            if length + n > bk.shape[1]:
+                raise RuntimeError(f"KV cache slot {slot} overflow: {length} + {n} > capacity {bk.shape[1]}")
+            bk[slot, length:length + n] = k
+            bv[slot, length:length + n] = v
+            return
+        size = bk.shape[1]
+        old = min(length, size)
+        keep_old = max(0, min(old, size - n))  # old tokens that stay, shifted to the front
+        if keep_old and keep_old < old:
+            bk[slot, :keep_old] = bk[slot, old - keep_old:old].clone()
+            bv[slot, :keep_old] = bv[slot, old - keep_old:old].clone()
+        take = min(n, size)
+        bk[slot, keep_old:keep_old + take] = k[n - take:]
+        bv[slot, keep_old:keep_old + take] = v[n - take:]
+
+
+def _as_long(x, device=None) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.long, device=device)
+
+
+class EncodeSegment:
+    """Causal rows: rows' new tokens are right-padded to a common width; `n_new[b]` of them are real."""
+
+    causal = True
+    sc_embeds = None
+
+    def __init__(self, cache: KVCache, input_ids: torch.Tensor, slots, n_new=None):
+        self.cache = cache
+        self.input_ids = input_ids
+        b, width = input_ids.shape
+        self.slots = _as_long(slots)
+        self.n_new = _as_long(n_new if n_new is not None else [width] * b)
+        self.start = cache.lengths[self.slots].clone()  # [B] committed tokens before this segment
+        if int((self.start + self.n_new).max()) > cache.capacity:
+            raise RuntimeError(f"KV cache capacity {cache.capacity} exceeded")
+        dev = input_ids.device
+        ar = torch.arange(width, device=dev)
+        self.positions = self.start.to(dev)[:, None] + ar
+        self._masks: dict[int, tuple[int, torch.Tensor]] = {}  # buffer size -> (cached count, mask)
+        self.window = cache.cfg.sliding_window
+
+    def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
+        size = self.cache.k[layer].shape[1]
+        key = (size, self.cache.sliding[layer])
+        if key not in self._masks:
+            dev = self.input_ids.device
+            kept = self.cache.kept(layer, self.start).to(dev)  # [B]
+            kc = int(kept.max()) if kept.numel() else 0
+            width = self.input_ids.shape[1]
+            start = self.start.to(dev)
+            qpos = self.positions  # [B, L]
+            # cached key j of row b sits at position start_b - kept_b + j
+            cpos = (start - kept)[:, None] + torch.arange(kc, device=dev)
+            cvalid = torch.arange(kc, device=dev)[None] < kept[:, None]
+            npos = self.positions
+            nvalid = torch.arange(width, device=dev)[None] < self.n_new.to(dev)[:, None]
+            kpos = torch.cat([cpos, npos], 1)  # [B, K]
+            kvalid = torch.cat([cvalid, nvalid], 1)
+            m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+            if self.cache.sliding[layer]:
+                m &= (qpos[:, :, None] - kpos[:, None, :]) < self.window
+            self._masks[key] = (kc, m)
+        return self._masks[key]
+
+    def attend(self, layer: int, q, k, v):
+        kc, mask = self._mask(layer)
+        if kc:
+            ck, cv = self.cache.gather(layer, self.slots, kc)
+            keys, vals = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
+        else:
+            keys, vals = k, v
+        out = attention(q, keys, vals, mask)
+        for b in range(q.shape[0]):
+            n = int(self.n_new[b])
+            self.cache.append(layer, int(self.slots[b]), int(self.start[b]), k[b, :n].detach(), v[b, :n].detach())
+        return out
+
+    def finish(self) -> None:
+        """Advance the slot lengths once every layer has written its tokens."""
+        self.cache.lengths[self.slots] = self.start + self.n_new
+
+
+class DecodeSegment:
+    """Bidirectional canvases [B, C] reading their slots' cache."""
+
+    causal = False
+
+    def __init__(self, cache: KVCache, canvas: torch.Tensor, slots, sc_embeds: torch.Tensor | None = None):
+        self.cache = cache
+        self.input_ids = canvas
+        self.sc_embeds = sc_embeds
+        self.slots = _as_long(slots)
+        dev = canvas.device
+        self.lengths = cache.lengths[self.slots].clone()
+        self.positions = self.lengths.to(dev)[:, None] + torch.arange(canvas.shape[1], device=dev)
+        self._masks: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
+        size = self.cache.k[layer].shape[1]
+        if size not in self._masks:
+            dev = self.input_ids.device
+            kept = self.cache.kept(layer, self.lengths).to(dev)
+            kc = int(kept.max()) if kept.numel() else 0
+            b, c = self.input_ids.shape
+            cvalid = torch.arange(kc, device=dev)[None] < kept[:, None]
+            kvalid = torch.cat([cvalid, torch.ones(b, c, dtype=torch.bool, device=dev)], 1)
+            self._masks[size] = (kc, kvalid[:, None, :].expand(b, c, kc + c))
+        return self._masks[size]
+
+    def attend(self, layer: int, q, k, v):
+        kc, mask = self._mask(layer)
+        if kc:
+            ck, cv = self.cache.gather(layer, self.slots, kc)
+            k, v = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
+        return attention(q, k, v, mask)

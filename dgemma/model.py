@@ -1,0 +1,221 @@
+"""The DiffusionGemma network: one Gemma-4 MoE weight stack, run in two modes.
+
+- Encoder mode (causal) writes the KV cache of the prompt and of every committed canvas.
+- Decoder mode (bidirectional over the canvas) reads that cache, never writes it, and predicts the clean canvas.
+
+Notable details, each matching the reference (transformers' DiffusionGemmaForBlockDiffusion):
+- sliding and full layers; full layers have their own head size and KV heads and no `v_proj`: V is the raw `k_proj`
+  output, before `k_norm` and RoPE, passed through a scale-free `v_norm`;
+- q/k norms replace the 1/sqrt(d) attention scale (scale 1.0); proportional RoPE on full layers;
+- a dense GeGLU MLP beside the MoE, the router reading the raw residual;
+- a separate `layer_scalar` per layer for each mode (checkpoints store both);
+- decoder input = scale-free RMSNorm(embed(canvas) + self-conditioning MLP(soft embedding of the last step));
+- embeddings scaled by sqrt(hidden) in the weight dtype; final logits soft-capped in fp32.
+
+A forward runs over a list of *segments* (see kv_cache.py): groups of rows that are all causal or all
+bidirectional. Every per-token operation (projections, norms, MLP, MoE) runs once over the tokens of all segments
+packed together; only attention is done per segment. So prefill, commits and denoising share one forward.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FULL, SLIDING, ModelConfig, TextConfig
+from .moe import MLP, Experts, RMSNorm, Router
+from .rope import apply_rope, cos_sin, inv_frequencies
+
+
+class Segment(Protocol):
+    """Rows of one forward that share a mode. The model packs their tokens; the segment does their attention."""
+
+    causal: bool  # encoder mode (True) or decoder mode (False): picks the layer scalar and self-conditioning
+    input_ids: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, L] absolute positions, for RoPE
+    sc_embeds: torch.Tensor | None  # [B, L, H] soft embeddings of the previous step (decoder only), None = zero
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, L, Hq, d], k/v [B, L, Hkv, d] of the new tokens -> [B, L, Hq, d]."""
+        ...
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scale-1.0 attention with grouped KV heads. q [B, Lq, Hq, d]; k/v [B, Lk, Hkv, d]; mask [B, Lq, Lk] bool."""
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.sliding = cfg.is_sliding(layer)
+        self.head_dim, self.kv_heads, self.heads = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer), \
+            cfg.num_attention_heads
+        h, d = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=False)
+        # Full layers share one projection for K and V (attention_k_eq_v): no v_proj tensor exists for them.
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=False) if self.sliding else None
+        self.o_proj = nn.Linear(self.heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d]."""
+        t, d = x.shape[0], self.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.heads, d)), cos, sin)
+        k_raw = self.k_proj(x).view(t, self.kv_heads, d)
+        v = self.v_proj(x).view(t, self.kv_heads, d) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        return q, k, self.v_norm(v)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.index = index
+        self.layer_type = cfg.layer_types[index]
+        self.self_attn = SelfAttention(cfg, index)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(h, eps))
+        # The checkpoint stores one scalar per mode (decoder under model.decoder, encoder under model.encoder).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, x: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor,
+                is_decoder: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        outs, start = [], 0
+        for seg in segments:
+            b, n = seg.input_ids.shape
+            end = start + b * n
+            o = seg.attend(self.index, q[start:end].view(b, n, *q.shape[1:]), k[start:end].view(b, n, *k.shape[1:]),
+                           v[start:end].view(b, n, *v.shape[1:]))
+            outs.append(o.reshape(b * n, -1))
+            start = end
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        h = x + self.post_attention_layernorm(self.self_attn.o_proj(attn))
+
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        weights, idx = self.router(h)
+        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), weights, idx))
+        out = h + self.post_feedforward_layernorm(dense + moe)
+        scalar = torch.where(is_decoder, self.layer_scalar, self.encoder_layer_scalar)
+        return out * scalar
+
+
+class SelfConditioning(nn.Module):
+    """Decoder-only input block: post_norm(embed(canvas) + MLP(pre_norm(soft embedding of the last step)))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        # A zero signal gives an MLP output of exactly zero, so the first step skips the MLP; the post-norm always runs.
+        if soft is not None:
+            n = self.pre_norm(soft)
+            embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+        return self.post_norm(embeds)
+
+
+class DiffusionGemma(nn.Module):
+    """The text model. Parameter names equal the checkpoint's, less the `model.decoder.` prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        t = self.text = config.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(Layer(t, i) for i in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(t)
+        for lt in (SLIDING, FULL):
+            if lt in t.layer_types:
+                dim = t.head_dim if lt == SLIDING else t.global_head_dim
+                self.register_buffer(f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim), persistent=False)
+
+    # -- embeddings and head -------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def _scale(self) -> torch.Tensor:
+        # The reference multiplies by the scale cast to the weight dtype (53.0, not 53.07, in bf16).
+        return torch.tensor(self.text.embed_scale, dtype=self.dtype, device=self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self._scale()
+
+    def soft_embed(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning signal: softmax(scaled logits) @ embedding * scale, [..., V] -> [..., H]."""
+        probs = torch.softmax(scaled_logits, dim=-1, dtype=torch.float32).to(self.dtype)
+        return (probs @ self.embed_tokens.weight) * self._scale()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head, fp32, soft-capped: cap * tanh(logits / cap)."""
+        out = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.text.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """Run every segment through the stack; returns the final-normed hidden states [B, L, H] per segment."""
+        xs, pos, dec = [], [], []
+        for seg in segments:
+            x = self.embed(seg.input_ids)
+            if not seg.causal:
+                x = self.self_conditioning(x, seg.sc_embeds)
+            xs.append(x.reshape(-1, x.shape[-1]))
+            pos.append(seg.positions.reshape(-1))
+            dec.append(torch.full((xs[-1].shape[0], 1), not seg.causal, device=x.device))
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        positions = torch.cat(pos) if len(pos) > 1 else pos[0]
+        is_decoder = torch.cat(dec) if len(dec) > 1 else dec[0]
+        rope = {lt: cos_sin(getattr(self, f"inv_freq_{lt}"), positions, x.dtype)
+                for lt in (SLIDING, FULL) if hasattr(self, f"inv_freq_{lt}")}
+        for layer in self.layers:
+            x = layer(x, segments, *rope[layer.layer_type], is_decoder)
+        x = self.norm(x)
+        out, start = [], 0
+        for seg in segments:
+            b, n = seg.input_ids.shape
+            out.append(x[start:start + b * n].view(b, n, -1))
+            start += b * n
+        return out
+
+    # -- initialisation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh weights for training from scratch: normal(0, std) matrices, norms and scales at one."""
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0)
+        for name, b in self.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)

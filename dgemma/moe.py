@@ -1,0 +1,93 @@
+"""The feed-forward half of a layer: the dense GeGLU MLP and the mixture of experts beside it.
+
+The router reads the *raw* residual stream (not the pre-norm output; routing on normed states breaks parity), picks
+the top-k experts from an fp32 softmax, renormalises their weights to sum to one and scales each by a learned
+per-expert factor. Experts are GeGLU blocks stored as stacked 3-D tensors, gate rows before up rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """Gemma-4 RMSNorm: fp32 statistics, weight applied as is (not 1 + w). `with_scale=False` has no weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+class MLP(nn.Module):
+    """Dense GeGLU block: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.root = cfg.hidden_size ** -0.5
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
+        scores = self.proj(self.norm(residual) * self.scale * self.root)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, h, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))  # [E, gate rows | up rows, H]
+        self.down_proj = nn.Parameter(torch.empty(e, h, m))  # [E, H, M]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; each token goes through its k experts; outputs are weighted and summed."""
+        out = torch.zeros_like(x)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // idx.shape[1]
+        w_sorted = weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e]) * w_sorted[start:start + n, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            start += n
+        return out

@@ -1,0 +1,38 @@
+"""Rotary position embeddings: `default` RoPE for sliding layers, `proportional` RoPE for full layers.
+
+Rotate-half convention (dimension i pairs with i + d/2). Proportional RoPE rotates only the first
+`partial_rotary_factor * d/2` frequency slots, with exponents taken over the *full* head size, and leaves the rest at
+frequency 0 (cos 1, sin 0): position-free channels that the 26B model's 512-wide full-attention heads rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies."""
+    if rope.rope_type == "proportional":
+        rotated = int(rope.partial_rotary_factor * head_dim // 2)
+        exps = torch.arange(0, 2 * rotated, 2, dtype=torch.float32) / head_dim
+        inv = torch.cat([1.0 / (rope.theta ** exps), torch.zeros(head_dim // 2 - rotated)])
+    else:
+        inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return inv / rope.factor
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, head_dim], computed in fp32 then cast (as the reference does)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, d]; cos/sin [..., d] broadcast over heads."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
