@@ -17,6 +17,20 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+__all__ = [
+    "GEMMA_SPECIAL_TOKENS",
+    "DEFAULT_CHAT_TEMPLATE",
+    "PAD_TOKEN",
+    "EOS_TOKEN",
+    "BOS_TOKEN",
+    "UNK_TOKEN",
+    "MASK_TOKEN",
+    "TURN_START",
+    "TURN_END",
+    "train_bpe_tokenizer",
+    "save_tokenizer_dir",
+]
+
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 BOS_TOKEN = "<bos>"
@@ -39,23 +53,27 @@ GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (
 # A minimal Gemma-4-like chat template. Gemma calls the assistant role "model" and puts the system
 # prompt in its own turn. `bos_token` is written by the template (not by the tokenizer), because
 # apply_chat_template tokenizes with add_special_tokens=False.
-DEFAULT_CHAT_TEMPLATE: str = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{% if role not in ['system', 'user', 'model'] %}"
-    "{{ raise_exception('Unsupported chat role: ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|turn>' + role + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<turn|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
-)
+DEFAULT_CHAT_TEMPLATE: str = """\
+{{- bos_token }}
+{%- for message in messages %}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}
+    {%- if role not in ['system', 'user', 'model'] %}
+        {{- raise_exception('Unsupported chat role: ' + message['role']) }}
+    {%- endif %}
+    {{- '<|turn>' + role + '\\n' }}
+    {%- if message['content'] is string %}
+        {{- message['content'] | trim }}
+    {%- else %}
+        {%- for part in message['content'] if part['type'] == 'text' %}
+            {{- part['text'] | trim }}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<turn|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|turn>model\\n' }}
+{%- endif %}
+"""
 
 
 def _special_token_list(extra: Iterable[str]) -> list[str]:

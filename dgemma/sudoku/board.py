@@ -147,16 +147,20 @@ def _search(grid, rows, cols, boxes, empties, limit: int, found: list, shuffle) 
     bits = [1 << d for d in range(9) if mask >> d & 1]
     if shuffle is not None:
         shuffle(bits)
-    r, c, b = _ROW[cell], _COL[cell], _BOX[cell]
     for bit in bits:
-        g, rs, cs, bs = grid[:], rows[:], cols[:], boxes[:]
-        g[cell] = _DIGIT[bit]
-        rs[r] |= bit
-        cs[c] |= bit
-        bs[b] |= bit
-        _search(g, rs, cs, bs, empties, limit, found, shuffle)
+        _search(*_placed(grid, rows, cols, boxes, cell, bit), empties, limit, found, shuffle)
         if len(found) >= limit:
             return
+
+
+def _placed(grid, rows, cols, boxes, cell: int, bit: int):
+    """Copies of the search state with digit ``bit`` written into ``cell``."""
+    g, rs, cs, bs = grid[:], rows[:], cols[:], boxes[:]
+    g[cell] = _DIGIT[bit]
+    rs[_ROW[cell]] |= bit
+    cs[_COL[cell]] |= bit
+    bs[_BOX[cell]] |= bit
+    return g, rs, cs, bs
 
 
 def _solve_all(puzzle, limit: int, forbid: tuple[int, int] | None = None, shuffle=None) -> list[list[int]]:
@@ -185,12 +189,7 @@ def _solve_all(puzzle, limit: int, forbid: tuple[int, int] | None = None, shuffl
     mask = ~(rows[r] | cols[c] | boxes[b]) & _ALL & ~(1 << (digit - 1))
     for d in range(9):
         if mask >> d & 1 and len(found) < limit:
-            g, rs, cs, bs = grid[:], rows[:], cols[:], boxes[:]
-            g[cell] = d + 1
-            rs[r] |= 1 << d
-            cs[c] |= 1 << d
-            bs[b] |= 1 << d
-            _search(g, rs, cs, bs, list(range(81)), limit, found, shuffle)
+            _search(*_placed(grid, rows, cols, boxes, cell, 1 << d), list(range(81)), limit, found, shuffle)
     return found
 
 

@@ -159,9 +159,9 @@ def training_examples(
     pool = base_grid_pool(pool_size, rng)
     produced = 0
     while n is None or produced < n:
-        size = chunk if n is None else min(chunk, n - produced)
+        # Always draw whole chunks so the stream for a seed does not depend on n.
         pool[rng.integers(pool_size)] = random_full_grid(rng)
-        puzzles, solutions = training_batch(pool[rng.integers(pool_size, size=size)], rng, givens_range)
-        for i in range(size):
+        puzzles, solutions = training_batch(pool[rng.integers(pool_size, size=chunk)], rng, givens_range)
+        for i in range(chunk if n is None else min(chunk, n - produced)):
             yield puzzles[i], solutions[i]
-        produced += size
+        produced += chunk
