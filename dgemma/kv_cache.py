@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .config import TextConfig
+from . import batch_invariant
 from .model import attention
 
 
@@ -139,15 +140,31 @@ class EncodeSegment:
 
     def attend(self, layer: int, q, k, v):
         kc, mask = self._mask(layer)
-        if kc:
-            ck, cv = self.cache.gather(layer, self.slots, kc)
-            keys, vals = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
+        if batch_invariant.enabled():
+            out = self._attend_rows(layer, q, k, v, kc, mask)
         else:
-            keys, vals = k, v
-        out = attention(q, keys, vals, mask)
+            if kc:
+                ck, cv = self.cache.gather(layer, self.slots, kc)
+                keys, vals = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
+            else:
+                keys, vals = k, v
+            out = attention(q, keys, vals, mask)
         for b in range(q.shape[0]):
             n = int(self.n_new[b])
             self.cache.append(layer, int(self.slots[b]), int(self.start[b]), k[b, :n].detach(), v[b, :n].detach())
+        return out
+
+    def _attend_rows(self, layer, q, k, v, kc, mask):
+        """Each row with its exact query and key lengths, so its result cannot depend on its batch mates."""
+        out = torch.zeros_like(q)
+        kept = self.cache.kept(layer, self.start)
+        for b in range(q.shape[0]):
+            n, c = int(self.n_new[b]), int(kept[b])
+            ck, cv = self.cache.gather(layer, self.slots[b:b + 1], c)
+            keys = torch.cat([ck.to(k.dtype), k[b:b + 1, :n]], 1)
+            vals = torch.cat([cv.to(v.dtype), v[b:b + 1, :n]], 1)
+            m = torch.cat([mask[b:b + 1, :n, :c], mask[b:b + 1, :n, kc:kc + n]], 2)
+            out[b:b + 1, :n] = attention(q[b:b + 1, :n], keys, vals, m)
         return out
 
     def finish(self) -> None:
@@ -184,6 +201,14 @@ class DecodeSegment:
 
     def attend(self, layer: int, q, k, v):
         kc, mask = self._mask(layer)
+        if batch_invariant.enabled():
+            kept = self.cache.kept(layer, self.lengths)
+            rows = []
+            for b in range(q.shape[0]):
+                ck, cv = self.cache.gather(layer, self.slots[b:b + 1], int(kept[b]))
+                kb, vb = torch.cat([ck.to(k.dtype), k[b:b + 1]], 1), torch.cat([cv.to(v.dtype), v[b:b + 1]], 1)
+                rows.append(attention(q[b:b + 1], kb, vb, None))
+            return torch.cat(rows)
         if kc:
             ck, cv = self.cache.gather(layer, self.slots, kc)
             k, v = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_invariant import Linear, linear
 from .config import FULL, SLIDING, ModelConfig, TextConfig
 from .moe import MLP, Experts, RMSNorm, Router
 from .rope import apply_rope, cos_sin, inv_frequencies
@@ -43,13 +44,14 @@ class Segment(Protocol):
         ...
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scale-1.0 attention with grouped KV heads. q [B, Lq, Hq, d]; k/v [B, Lk, Hkv, d]; mask [B, Lq, Lk] bool."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scale-1.0 attention with grouped KV heads. q [B, Lq, Hq, d]; k/v [B, Lk, Hkv, d]; mask [B, Lq, Lk] bool
+    (None: every key visible)."""
     rep = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None], scale=1.0)
     return out.transpose(1, 2)
 
 
@@ -60,11 +62,11 @@ class SelfAttention(nn.Module):
         self.head_dim, self.kv_heads, self.heads = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer), \
             cfg.num_attention_heads
         h, d = cfg.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, self.heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=False)
+        self.q_proj = Linear(h, self.heads * d)
+        self.k_proj = Linear(h, self.kv_heads * d)
         # Full layers share one projection for K and V (attention_k_eq_v): no v_proj tensor exists for them.
-        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=False) if self.sliding else None
-        self.o_proj = nn.Linear(self.heads * d, h, bias=False)
+        self.v_proj = Linear(h, self.kv_heads * d) if self.sliding else None
+        self.o_proj = Linear(self.heads * d, h)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
@@ -126,9 +128,9 @@ class SelfConditioning(nn.Module):
         super().__init__()
         self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         # A zero signal gives an MLP output of exactly zero, so the first step skips the MLP; the post-norm always runs.
@@ -173,11 +175,11 @@ class DiffusionGemma(nn.Module):
     def soft_embed(self, scaled_logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning signal: softmax(scaled logits) @ embedding * scale, [..., V] -> [..., H]."""
         probs = torch.softmax(scaled_logits, dim=-1, dtype=torch.float32).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * self._scale()
+        return linear(probs, self.embed_tokens.weight.t()) * self._scale()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head, fp32, soft-capped: cap * tanh(logits / cap)."""
-        out = F.linear(hidden, self.embed_tokens.weight).float()
+        out = linear(hidden, self.embed_tokens.weight).float()
         cap = self.text.final_logit_softcapping
         return out if cap is None else torch.tanh(out / cap) * cap
 

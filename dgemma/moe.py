@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_invariant import EXPERT_TILE, Linear, linear
 from .config import TextConfig
 
 
@@ -39,9 +40,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -53,7 +54,7 @@ class Router(nn.Module):
         self.top_k = cfg.top_k_experts
         self.root = cfg.hidden_size ** -0.5
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
@@ -86,8 +87,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             tok = token_of[start:start + n]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e]) * w_sorted[start:start + n, None]
+            gate, up = linear(x[tok], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
+            y = linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE) * w_sorted[start:start + n, None]
             out.index_add_(0, tok, y.to(out.dtype))
             start += n
         return out

@@ -89,11 +89,15 @@ class TokenizerFileError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TokenizerFileError(f"{path} is not valid UTF-8 text: {e}") from e
+
+
+def _read_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -129,11 +133,11 @@ def _load_chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[
     templates: dict[str, str] = {}
     default_file = folder / CHAT_TEMPLATE_FILE
     if default_file.is_file():
-        templates["default"] = default_file.read_text(encoding="utf-8")
+        templates["default"] = _read_text(default_file)
     extra_dir = folder / CHAT_TEMPLATE_DIR
     if extra_dir.is_dir():
         for f in sorted(extra_dir.glob("*.jinja")):
-            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+            templates[f.name.removesuffix(".jinja")] = _read_text(f)
     if templates:
         return templates["default"] if list(templates) == ["default"] else templates
 
@@ -145,6 +149,58 @@ def _load_chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[
     raise TokenizerFileError(
         f"{folder / TOKENIZER_CONFIG_FILE}: 'chat_template' should be a string or a list, got {type(value).__name__}"
     )
+
+
+def _special_tokens_from_files(
+    folder: Path, config: Mapping[str, Any]
+) -> tuple[dict[str, TokenSpec], list[TokenSpec], dict[int, AddedToken]]:
+    """Named special tokens, extra special tokens and `added_tokens_decoder`, resolved like transformers 5."""
+    named: dict[str, TokenSpec] = {}
+    for key, value in config.items():
+        if key in NAMED_SPECIAL_TOKENS or (key.endswith("_token") and isinstance(value, (str, dict))):
+            token = _to_added_token(value)
+            if token is not None:
+                named[key] = token
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict):  # {name: token}: named, model-specific tokens
+        for key, value in extra.items():
+            token = _to_added_token(value)
+            if token is not None:
+                named[key] = token
+        extra = None
+    # The transformers 4 name still counts unless a non-empty v5 list is present.
+    extra = extra or config.get("additional_special_tokens") or []
+    if not isinstance(extra, (list, tuple)):
+        raise TokenizerFileError(f"{folder / TOKENIZER_CONFIG_FILE}: the extra special tokens should be a list")
+    extra_tokens: list[TokenSpec] = [t for t in (_to_added_token(v) for v in extra) if t is not None]
+
+    added: dict[int, AddedToken] = {}
+    if "added_tokens_decoder" in config:
+        decoder = config["added_tokens_decoder"]
+        if not isinstance(decoder, dict):
+            raise TokenizerFileError(f"{folder / TOKENIZER_CONFIG_FILE}: 'added_tokens_decoder' should be an object")
+        for idx, value in decoder.items():
+            token = _to_added_token(value)
+            if isinstance(token, AddedToken):
+                added[int(idx)] = token
+    else:
+        # Legacy file, read by transformers only when the config has no added_tokens_decoder;
+        # its entries then override the config's.
+        stm_file = folder / SPECIAL_TOKENS_MAP_FILE
+        if stm_file.is_file():
+            stm = _read_json_object(stm_file)
+            for key, value in stm.items():
+                if key in ("extra_special_tokens", "additional_special_tokens") and isinstance(value, list):
+                    for v in value:
+                        token = _to_added_token(v, special=True)
+                        if token is not None and _token_str(token) not in map(_token_str, extra_tokens):
+                            extra_tokens.append(token)
+                elif key.endswith("_token"):
+                    token = _to_added_token(value, special=True)
+                    if token is not None:
+                        named[key] = token
+
+    return named, extra_tokens, added
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,21 +502,21 @@ class Tokenizer:
         self._clean_up = bool(clean_up_tokenization_spaces) and (model_type != "BPE" or force_clean_up_for_bpe)
 
     def _add_missing_tokens(self, added_tokens: Mapping[int, AddedToken]) -> None:
-        """Append to the backend the added/special tokens it does not know yet (transformers does too)."""
+        """Append to the backend the added/special tokens it does not know yet (transformers does too).
+
+        Order matters because it decides the new ids: config `added_tokens_decoder` entries by id,
+        then named special tokens, then extra special tokens.
+        """
         present = {tok.content for tok in self._backend.get_added_tokens_decoder().values()}
-        to_add: list[AddedToken] = []
-        for _, tok in sorted(added_tokens.items()):
-            if tok.content not in present:
-                to_add.append(tok)
-                present.add(tok.content)
         named_strs = {_token_str(t) for t in self._named.values()}
-        for tok in [*self._named.values(), *self._extra]:
+        to_add: list[AddedToken] = []
+        for tok in [*(t for _, t in sorted(added_tokens.items())), *self._named.values(), *self._extra]:
             content = _token_str(tok)
             if content in present:
                 continue
             if isinstance(tok, str):
                 tok = AddedToken(tok, special=True, normalized=False)
-            elif content in named_strs and not tok.special:
+            elif content in named_strs and not tok.special:  # a named special token is always special
                 tok = AddedToken(
                     content,
                     single_word=tok.single_word,
@@ -488,54 +544,16 @@ class Tokenizer:
                 f"{tok_file} not found: the folder has no {TOKENIZER_FILE} "
                 "(dgemma only loads `tokenizers` JSON tokenizers, not sentencepiece/vocab files)"
             )
+        text = _read_text(tok_file)
         try:
-            backend = BackendTokenizer.from_str(tok_file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise TokenizerFileError(f"{tok_file} is not valid UTF-8 text: {e}") from e
+            backend = BackendTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON / schema
             raise TokenizerFileError(f"{tok_file} is corrupt or not a tokenizers JSON file: {e}") from e
 
         config_file = folder / TOKENIZER_CONFIG_FILE
         config = _read_json_object(config_file) if config_file.is_file() else {}
 
-        named: dict[str, TokenSpec] = {}
-        for key, value in config.items():
-            if key in NAMED_SPECIAL_TOKENS or (key.endswith("_token") and isinstance(value, (str, dict))):
-                token = _to_added_token(value)
-                if token is not None:
-                    named[key] = token
-        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        if isinstance(extra, dict):  # {name: token}: named, model-specific tokens
-            for key, value in extra.items():
-                token = _to_added_token(value)
-                if token is not None:
-                    named[key] = token
-            extra = []
-        extra_tokens: list[TokenSpec] = [t for t in (_to_added_token(v) for v in extra) if t is not None]
-
-        added: dict[int, AddedToken] = {}
-        if "added_tokens_decoder" in config:
-            for idx, value in config["added_tokens_decoder"].items():
-                token = _to_added_token(value)
-                if isinstance(token, AddedToken):
-                    added[int(idx)] = token
-        else:
-            # Legacy file, read by transformers only when the config has no added_tokens_decoder;
-            # its entries then override the config's.
-            stm_file = folder / SPECIAL_TOKENS_MAP_FILE
-            if stm_file.is_file():
-                stm = _read_json_object(stm_file)
-                for key, value in stm.items():
-                    if key in ("extra_special_tokens", "additional_special_tokens") and isinstance(value, list):
-                        for v in value:
-                            token = _to_added_token(v, special=True)
-                            if token is not None and _token_str(token) not in map(_token_str, extra_tokens):
-                                extra_tokens.append(token)
-                    elif key.endswith("_token"):
-                        token = _to_added_token(value, special=True)
-                        if token is not None:
-                            named[key] = token
-
+        named, extra_tokens, added = _special_tokens_from_files(folder, config)
         return cls(
             backend,
             special_tokens=named,

@@ -85,11 +85,8 @@ def _special_token_list(extra: Iterable[str]) -> list[str]:
     return tokens
 
 
-def _iter_file_text(text_files: Sequence[str | os.PathLike[str]]) -> Iterable[str]:
-    for path in text_files:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"training text file not found: {p}")
+def _iter_file_text(paths: Sequence[Path]) -> Iterable[str]:
+    for p in paths:
         with p.open(encoding="utf-8") as f:
             yield from f
 
@@ -113,6 +110,10 @@ def train_bpe_tokenizer(
             as Gemma's tokenizer.json does. (transformers 5 decides BOS from the post-processor.)
         min_frequency: minimum pair count for a merge.
     """
+    paths = [Path(p) for p in text_files]
+    for p in paths:  # check up front rather than halfway through training
+        if not p.is_file():
+            raise FileNotFoundError(f"training text file not found: {p}")
     specials = _special_token_list(special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):
@@ -135,7 +136,7 @@ def train_bpe_tokenizer(
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    tok.train_from_iterator(_iter_file_text(text_files), trainer=trainer)
+    tok.train_from_iterator(_iter_file_text(paths), trainer=trainer)
 
     for i, t in enumerate(specials):
         got = tok.token_to_id(t)
@@ -161,8 +162,8 @@ def save_tokenizer_dir(
 ) -> Path:
     """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out_dir`.
 
-    The layout is what transformers 5 itself writes for a `TokenizersBackend` tokenizer, so
-    `AutoTokenizer.from_pretrained(out_dir)` loads it. Special token names are recorded only if the
+    `AutoTokenizer.from_pretrained(out_dir)` loads the folder as a `TokenizersBackend` (transformers 5)
+    with identical encoding, decoding and chat template. Special token names are recorded only if the
     tokenizer actually contains them. Returns the directory path.
     """
     out = Path(out_dir)
@@ -171,9 +172,10 @@ def save_tokenizer_dir(
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     config: dict[str, object] = {
-        # transformers 5 name for "a plain tokenizer.json tokenizer". We avoid GemmaTokenizer on
-        # purpose: that class rebuilds a SentencePiece-style pipeline and would ignore our ByteLevel one.
-        "tokenizer_class": "TokenizersBackend",
+        # "A plain tokenizer.json tokenizer": transformers 5 loads this name as TokenizersBackend (what
+        # it writes itself), and transformers 4 still knows it, unlike "TokenizersBackend". Not
+        # GemmaTokenizer: that class rebuilds a SentencePiece-style pipeline, dropping our ByteLevel one.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "backend": "tokenizers",
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",

@@ -1,0 +1,62 @@
+"""Batch-invariant matrix products: a row's result must not depend on the rows it is batched with.
+
+BLAS libraries pick kernels (and reduction orders) by matrix shape, so `x @ W` for one row differs in the last
+bits depending on how many other rows share the call. Diffusion sampling turns such bits into different tokens
+(a multinomial draw or an entropy sort near a tie), which would make a request's output depend on its batch mates.
+
+The cure is to call the kernel on row tiles of one fixed size only, zero-padding the last tile: every row then
+goes through the same kernel with the same reduction order, whatever the batch. It costs a little speed, so it is
+a mode: the engine turns it on around its forwards (`EngineConfig.batch_invariant`); training leaves it off.
+Attention is made invariant separately, by running each row with its own exact key length (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_state = threading.local()
+
+DENSE_TILE = 64  # rows per kernel call for the dense layers
+EXPERT_TILE = 16  # expert groups are small: a smaller tile wastes less padding
+
+
+def enabled() -> bool:
+    return getattr(_state, "on", False)
+
+
+@contextlib.contextmanager
+def mode(on: bool = True):
+    prev = enabled()
+    _state.on = on
+    try:
+        yield
+    finally:
+        _state.on = prev
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, tile: int = DENSE_TILE) -> torch.Tensor:
+    """F.linear(x, weight), row-tiled with a fixed tile size when batch-invariant mode is on."""
+    if not enabled():
+        return F.linear(x, weight)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    if m % tile:
+        x2 = torch.cat([x2, x2.new_zeros(tile - m % tile, shape[-1])])
+    out = torch.cat([F.linear(x2[i:i + tile], weight) for i in range(0, x2.shape[0], tile)])
+    return out[:m].reshape(*shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that honours batch-invariant mode."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)

@@ -1,0 +1,104 @@
+"""The offline API people already know: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+    from dgemma import LLM, SamplingParams
+    llm = LLM("path/or/org/name")            # no argument: the embedded default model
+    out = llm.generate(["To be, or not"], SamplingParams(max_new_tokens=128, seed=0))[0]
+    print(out.text, out.steps_per_canvas, out.tokens_per_forward)
+
+`LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
+`LLM.chat(messages, params)` renders the checkpoint's chat template first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from . import checkpoint
+from .engine import Engine, EngineConfig
+from .outputs import RequestOutput, StreamEvent
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def default_model_path() -> Path:
+    """The small model shipped inside the package (trained by dgemma on Tiny Shakespeare)."""
+    return Path(__file__).parent / "assets" / "shakespeare"
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+                 device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
+                 canvas_length: int | None = None, max_denoising_steps: int | None = None,
+                 logits_budget_bytes: int = 512 * 2**20):
+        path = checkpoint.resolve(model) if model is not None else default_model_path()
+        ck = checkpoint.load(path, dtype=dtype, device=device)
+        if canvas_length is not None and canvas_length != ck.config.canvas_length:
+            ck.model.config = ck.config = ck.config.with_canvas_length(canvas_length)
+        self.checkpoint, self.model, self.config = ck, ck.model, ck.config
+        self.generation = ck.generation
+        if max_denoising_steps is not None:
+            from dataclasses import replace
+            self.generation = replace(self.generation, max_denoising_steps=max_denoising_steps)
+        self.tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from .tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_dir(path)
+        eos = set(ck.config.eos_token_ids) | set(ck.generation.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        t = ck.config.text
+        max_len = max_model_len or min(t.max_position_embeddings, 8192)
+        self.engine = Engine(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
+                             defaults=self.generation, tokenizer=self.tokenizer,
+                             config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
+                                                 logits_budget_bytes=logits_budget_bytes))
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: chat needs tokenizer.json and a chat template")
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                                 for p in content):
+                raise ValueError("images are not supported: dgemma loads the text model only")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  **template_kwargs)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(plist)
+        if len(params) != len(plist):
+            raise ValueError(f"got {len(plist)} prompts but {len(params)} SamplingParams")
+        return self.engine.run([(self.encode(p), sp) for p, sp in zip(plist, params)])
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
+        return self.engine.run([(self.chat_prompt(messages, **template_kwargs), params or SamplingParams())])[0]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Events of one request as they happen. Other queued requests keep running alongside."""
+        rid = self.engine.add_request(self.encode(prompt), params)
+        try:
+            while True:
+                for ev in self.engine.step():
+                    if ev.request_id == rid:
+                        yield ev
+                        if ev.kind == "finished":
+                            return
+        finally:
+            self.engine.abort(rid)

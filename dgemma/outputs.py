@@ -1,0 +1,60 @@
+"""What generation returns: finished outputs, stream events and per-step traces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CanvasStats:
+    steps: int  # decoder forwards spent on this canvas
+    tokens: int  # tokens this canvas contributed to the output
+
+
+@dataclass
+class StepTrace:
+    """One denoising step of one canvas: the argmax canvas and which positions the sampler accepted."""
+
+    canvas_index: int
+    step: int
+    argmax: list[int]
+    accepted: list[bool]
+    mean_entropy: float
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
+    canvases: list[CanvasStats] = field(default_factory=list)
+    decoder_forwards: int = 0
+    trace: list[StepTrace] = field(default_factory=list)
+
+    @property
+    def steps_per_canvas(self) -> list[int]:
+        return [c.steps for c in self.canvases]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.decoder_forwards if self.decoder_forwards else 0.0
+
+
+@dataclass
+class StreamEvent:
+    """Emitted by the engine as a request progresses.
+
+    kind "draft": one denoising step (argmax canvas + accepted mask; only for requests that asked for drafts).
+    kind "commit": a canvas was committed; `text_delta` / `token_ids_delta` are the new output.
+    kind "finished": the request ended (`output` holds the final result).
+    """
+
+    request_id: str
+    kind: str
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    draft: StepTrace | None = None
+    output: RequestOutput | None = None

@@ -1,0 +1,20 @@
+"""Training toolkit: the block-diffusion objective, example sources, LoRA, and a resumable data-parallel trainer.
+
+    from dgemma.train import Trainer, TrainConfig, TextCorpusSource
+    trainer = Trainer(model, source, TrainConfig(steps=1000, batch_size=16), "runs/a")
+    trainer.train()
+    trainer.export()          # runs/a/final: HF layout, loadable by dgemma and transformers
+
+The command line is `dgemma train` (dgemma/train/cli.py).
+"""
+
+from .data import (Batch, CallableSource, ChunkedSource, ExampleSource, TextCorpusSource, as_source, collate, layout,
+                   make_source, register_source)
+from .lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
+from .objective import DecoderSegment, EncoderSegment, ObjectiveConfig, draw, loss, loss_parts
+from .trainer import TrainConfig, Trainer, setup_distributed
+
+__all__ = ["Batch", "CallableSource", "ChunkedSource", "ExampleSource", "TextCorpusSource", "as_source", "collate",
+           "layout", "make_source", "register_source", "LoRAConfig", "apply_lora", "merge_lora", "unmerge_lora",
+           "DecoderSegment", "EncoderSegment", "ObjectiveConfig", "draw", "loss", "loss_parts", "TrainConfig",
+           "Trainer", "setup_distributed"]
