@@ -148,7 +148,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {_names(sorted(unexpected))}")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json - " + "; ".join(parts))
-    if config.has_vision and str(path) not in _vision_warned:
+    if passthrough and str(path) not in _vision_warned:
         _vision_warned.add(str(path))
         log.warning("%s has a vision tower: loading the text model only (images are not supported yet)", path)
     _materialise_rope(model)

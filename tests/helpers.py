@@ -53,3 +53,46 @@ def make_hf_model(canvas_length: int = 8, seed: int = 0, encoder_scalars=None, d
 def save_hf(model, path: Path) -> Path:
     model.save_pretrained(path)
     return path
+
+
+SAMPLE_TEXT = """To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to, 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep: perchance to dream: ay, there's the rub;
+"""
+
+
+def make_tiny_checkpoint(path: Path, canvas_length: int = 16, seed: int = 0, num_hidden_layers: int = 2,
+                         hidden_size: int = 64, max_position_embeddings: int = 2048) -> Path:
+    """A random-weight dgemma checkpoint with a small byte-level BPE tokenizer and chat template (no transformers).
+
+    Made with dgemma itself, so it is fast: use it where the oracle is not the point (engine, CLI, server).
+    """
+    from dgemma import checkpoint
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+    from dgemma.tokenizer_train import save_tokenizer_dir, train_bpe_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 4)
+    tok = train_bpe_tokenizer([corpus], vocab_size=320)
+    corpus.unlink()
+    layer_types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
+    text = tiny_text_config(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size,
+                            num_hidden_layers=num_hidden_layers, layer_types=layer_types,
+                            max_position_embeddings=max_position_embeddings)
+    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas_length,
+                                 "text_config": text, "eos_token_id": [1, 6]})
+    model = DiffusionGemma(cfg)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    checkpoint.save(model, path)
+    save_tokenizer_dir(tok, path)
+    return path
