@@ -9,7 +9,6 @@ canvases, accepted masks, argmax drafts, stop steps and committed sequences, exa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -34,6 +33,7 @@ from dgemma.sampler import (
 from dgemma.sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 
 hf_gen = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")
+from helpers import hf_replay  # noqa: E402
 
 V, C, HIDDEN, PROMPT_LEN = 97, 16, 16, 3
 
@@ -85,71 +85,11 @@ class FakeDecoder:
         return 30.0 * torch.tanh(logits / 30.0)
 
 
-class _TorchProxy:
-    """Stands in for `torch` inside HF's generation module: overrides a few functions, forwards the rest."""
-
-    def __init__(self, **overrides):
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def hf_replay(monkeypatch, draws: PerRequestDraws, rows: int):
-    """Makes HF's generate consume `draws`: its randint (initial canvas and renoise; both draw the same way) and
-    multinomial are served from each row's own stream. Rows HF has already frozen draw nothing, as in dgemma's
-    engine (HF discards their draws anyway). Yields a record of what HF did, per canvas."""
-    rec = SimpleNamespace(canvases=[], frozen=torch.zeros(rows, dtype=torch.bool), last=None, calls=[])
-
-    def live():
-        return (~rec.frozen).nonzero().flatten().tolist()
-
-    def fake_randint(low, high, size, device=None, **kw):
-        assert low == 0 and tuple(size) == (rows, C) and not kw
-        if rec.last != "multinomial":  # a randint not right after a multinomial starts a canvas
-            rec.frozen[:] = False
-            rec.canvases.append(SimpleNamespace(inputs=[], sc=[], accepted=[], stop=[], drafts=[]))
-        out = torch.zeros(size, dtype=torch.int64)
-        out[live()] = draws.select(live()).renoise(C, high)
-        rec.last = "randint"
-        rec.calls.append("randint")
-        return out
-
-    def fake_multinomial(probs, num_samples, **kw):
-        assert num_samples == 1 and not kw
-        probs = probs.view(rows, C, -1)
-        out = torch.zeros(rows, C, dtype=torch.int64)
-        out[live()] = draws.select(live()).categorical(probs[live()])
-        rec.last = "multinomial"
-        rec.calls.append("multinomial")
-        return out.view(-1, 1)
-
-    stop_call = hf_gen.StableAndConfidentStoppingCriteria.__call__
-    accept = hf_gen.EntropyBoundSampler.accept_canvas
-
-    def recording_stop(self, argmax_canvas, logits, **kw):
-        res = stop_call(self, argmax_canvas, logits, **kw)
-        rec.canvases[-1].stop.append(res.clone())
-        rec.frozen |= res
-        return res
-
-    def recording_accept(self, *args):
-        out = accept(self, *args)
-        rec.canvases[-1].accepted.append(self.accepted_token_mask.clone())
-        return out
-
-    monkeypatch.setattr(hf_gen, "torch", _TorchProxy(randint=fake_randint, multinomial=fake_multinomial))
-    monkeypatch.setattr(hf_gen.StableAndConfidentStoppingCriteria, "__call__", recording_stop)
-    monkeypatch.setattr(hf_gen.EntropyBoundSampler, "accept_canvas", recording_accept)
-    yield rec
-
-
 def run_hf(monkeypatch, model, fake: FakeDecoder, seeds, s: DenoiseSettings, canvases: int, processors=None):
     rows = len(seeds)
     draws = PerRequestDraws.from_seeds(seeds)
     emb, scale = fake.embedding, fake.scale
-    with hf_replay(monkeypatch, draws, rows) as rec:
+    with hf_replay(monkeypatch, draws, rows, C) as rec:
 
         def forward(decoder_input_ids, self_conditioning_logits=None, decoder_position_ids=None, **kw):
             canvas_idx = int(decoder_position_ids[0, 0] - PROMPT_LEN) // C

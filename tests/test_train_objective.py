@@ -111,7 +111,7 @@ def inference_logits(model, prefix, canvas, sc_embeds=None):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("text", [dict(), dict(sliding_window=5, num_experts=1, top_k_experts=1)])
+@pytest.mark.parametrize("text", [{}, {"sliding_window": 5, "num_experts": 1, "top_k_experts": 1}])
 def test_training_decoder_equals_inference_path(text):
     """Decoder logits of the training forward (one pass, encoder K/V recorded over the whole clean sequence) equal
     generation's: prefix encoded into the KV cache, then the canvas decoded against it (sliding windows shorter

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_text_config
 from test_train_objective import one_thread, tiny_model  # noqa: F401 (one_thread: an autouse fixture)
 
 from dgemma import checkpoint
-from dgemma.train import LoRAConfig, TextCorpusSource, TrainConfig, Trainer
+from dgemma.train import LoRAConfig, TextCorpusSource, TrainConfig, Trainer, merge_lora, unmerge_lora
 from dgemma.train.cli import main as train_main
 from dgemma.train.data import collate
 from dgemma.train.objective import run
@@ -28,7 +29,7 @@ def fresh(seed=0):
 
 
 def cfg(**kw):
-    base = dict(steps=6, batch_size=2, lr=3e-3, warmup=2, progress=False)
+    base = {"steps": 6, "batch_size": 2, "lr": 3e-3, "warmup": 2, "progress": False}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -125,8 +126,9 @@ def test_export_loads_in_dgemma_and_transformers(tmp_path):
         assert torch.equal(back.state_dict()[name], t), name
     hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(path).state_dict()
     assert torch.equal(hf["model.decoder.embed_tokens.weight"], tr.model.embed_tokens.weight)
-    assert torch.equal(hf["model.decoder.layers.1.self_attn.q_proj.weight"], tr.model.layers[1].self_attn.q_proj.weight)
-    assert torch.equal(hf["model.encoder.language_model.layers.2.layer_scalar"], tr.model.layers[2].encoder_layer_scalar)
+    layers = tr.model.layers
+    assert torch.equal(hf["model.decoder.layers.1.self_attn.q_proj.weight"], layers[1].self_attn.q_proj.weight)
+    assert torch.equal(hf["model.encoder.language_model.layers.2.layer_scalar"], layers[2].encoder_layer_scalar)
     assert torch.equal(hf["model.decoder.self_conditioning.gate_proj.weight"],
                        tr.model.self_conditioning.gate_proj.weight)
 
@@ -136,6 +138,7 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path):
     checkpoint.save(base, tmp_path / "base")
     loaded = checkpoint.load(tmp_path / "base").model  # fine-tuning starts from a loaded checkpoint
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    before_types = dict(loaded.named_modules())
     tr = Trainer(loaded, random_source, cfg(steps=3, lr=1e-2), tmp_path / "run", lora=LoRAConfig(rank=4, alpha=8))
     tr.train()
     names = {n for n, p in tr.model.named_parameters() if p.requires_grad}
@@ -143,6 +146,9 @@ def test_lora_trains_adapters_only_and_merges_on_export(tmp_path):
     assert any("self_attn.q_proj" in n for n in names) and not any("router" in n for n in names)
     for k, v in before.items():  # base weights untouched (the wrapped ones keep their names)
         assert torch.equal(tr.model.state_dict()[k], v), k
+    swaps = merge_lora(tr.model)  # merged modules keep the model's own linear class (batch-invariant mode)
+    assert type(tr.model.layers[0].self_attn.q_proj) is type(before_types["layers.0.self_attn.q_proj"])
+    unmerge_lora(swaps)
     merged = checkpoint.load(tr.export()).model
     assert not torch.equal(merged.layers[0].self_attn.q_proj.weight, before["layers.0.self_attn.q_proj.weight"])
     b = collate([random_source(i) for i in range(3)], range(3), 8, 1)
@@ -187,8 +193,7 @@ def test_cli_trains_on_a_text_file_and_resumes(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("A diffusion model denoises a canvas of tokens, block by block. " * 40)
     tok = save_tokenizer_dir(train_bpe_tokenizer([corpus], vocab_size=300), tmp_path / "tok")
-    config = {"model_type": "diffusion_gemma", "canvas_length": 8,
-              "text_config": dict(json.loads(json.dumps(__import__("helpers").tiny_text_config(vocab_size=320))))}
+    config = {"model_type": "diffusion_gemma", "canvas_length": 8, "text_config": tiny_text_config(vocab_size=320)}
     args = ["--config", json.dumps(config), "--data", f"text:{corpus}", "--tokenizer", str(tok), "--out",
             str(tmp_path / "run"), "--batch_size", "2", "--save-every", "2", "--data-arg", "window=24",
             "--no-progress", "--lr", "1e-3"]
@@ -199,3 +204,20 @@ def test_cli_trains_on_a_text_file_and_resumes(tmp_path, capsys):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
     final = checkpoint.load(tmp_path / "run/final")
     assert final.config.canvas_length == 8 and final.config.text.vocab_size == 320
+
+
+def test_sources_are_pluggable():
+    from dgemma.train import ChunkedSource, make_source, register_source
+
+    def make_chunk(rng, n):  # a bulk generator, as the Sudoku maker is
+        return [([2], rng.integers(3, 96, 4).tolist()) for _ in range(n)]
+
+    register_source("toy", lambda arg, seed, tokenizer=None, **kw: ChunkedSource(make_chunk, seed, int(arg)))
+    src = make_source("toy:5", seed=1)
+    seq = [src.example(i) for i in range(12)]
+    assert [src.example(i) for i in (11, 3, 7)] == [seq[11], seq[3], seq[7]]  # random access, no replay
+    assert make_source("toy:5", seed=2).example(0) != seq[0]
+    with pytest.raises(ValueError, match="unknown data source"):
+        make_source("nope:x")
+    tr = Trainer(fresh(), lambda i: seq[i % 12], cfg(steps=1, save_every=0), "unused-never-written", resume=False)
+    assert tr.source.example(13) == seq[1]  # a plain callable is a source too

@@ -8,13 +8,44 @@
 The command line is `dgemma train` (dgemma/train/cli.py).
 """
 
-from .data import (Batch, CallableSource, ChunkedSource, ExampleSource, TextCorpusSource, as_source, collate, layout,
-                   make_source, register_source)
+from .data import (
+    Batch,
+    CallableSource,
+    ChunkedSource,
+    ExampleSource,
+    TextCorpusSource,
+    as_source,
+    collate,
+    layout,
+    make_source,
+    register_source,
+)
 from .lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
 from .objective import DecoderSegment, EncoderSegment, ObjectiveConfig, draw, loss, loss_parts
 from .trainer import TrainConfig, Trainer, setup_distributed
 
-__all__ = ["Batch", "CallableSource", "ChunkedSource", "ExampleSource", "TextCorpusSource", "as_source", "collate",
-           "layout", "make_source", "register_source", "LoRAConfig", "apply_lora", "merge_lora", "unmerge_lora",
-           "DecoderSegment", "EncoderSegment", "ObjectiveConfig", "draw", "loss", "loss_parts", "TrainConfig",
-           "Trainer", "setup_distributed"]
+__all__ = [
+    "Batch",
+    "CallableSource",
+    "ChunkedSource",
+    "DecoderSegment",
+    "EncoderSegment",
+    "ExampleSource",
+    "LoRAConfig",
+    "ObjectiveConfig",
+    "TextCorpusSource",
+    "TrainConfig",
+    "Trainer",
+    "apply_lora",
+    "as_source",
+    "collate",
+    "draw",
+    "layout",
+    "loss",
+    "loss_parts",
+    "make_source",
+    "merge_lora",
+    "register_source",
+    "setup_distributed",
+    "unmerge_lora",
+]

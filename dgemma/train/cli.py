@@ -92,7 +92,7 @@ def _data_options(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank, _ = setup_distributed()
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     state_file = None
     if args.resume and (out / "checkpoints" / "LATEST").is_file():
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         last = records[-1] if records else {}
         print(json.dumps({"final": str(path), "step": trainer.step, "loss": last.get("loss")}))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

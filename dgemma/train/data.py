@@ -11,9 +11,10 @@ Built in: `text:FILE`, random windows of a tokenised plain-text file split into 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ class Batch:
     n_canvases: torch.Tensor
     indices: torch.Tensor
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(getattr(self, f).to(device) for f in ("input_ids", "lengths", "prompt_lens", "n_canvases",
                                                              "indices")))
 
@@ -174,5 +175,7 @@ def collate(examples: Sequence[Example], indices: Sequence[int], canvas_length: 
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    t = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
+    def t(xs):
+        return torch.tensor(list(xs), dtype=torch.long)
+
     return Batch(ids, t(map(len, seqs)), t(plens), t(ncan), t(indices))

@@ -4,8 +4,8 @@ A small wrapper of our own rather than peft: the model is a custom nn.Module who
 of the HF layout, experts are 3-D parameters (not nn.Linear), and merging is one addition per layer. `apply_lora`
 swaps each targeted `nn.Linear` for a `LoRALinear` that *shares* the original weight (so base tensors keep their
 names, under `<name>.weight`) and adds `lora_A` [r, in] / `lora_B` [out, r]; `y = x W^T + (x A^T B^T) * alpha / r`.
-B starts at zero, so training starts from the base model exactly. `merge_lora` puts clones of the original linears holding
-`W + B A * scale` in their place, leaving a model that `dgemma.checkpoint.save` writes in the HF layout;
+B starts at zero, so training starts from the base model exactly. `merge_lora` puts clones of the original linears
+holding `W + B A * scale` in their place, leaving a model that `dgemma.checkpoint.save` writes in the HF layout;
 `unmerge_lora` swaps the adapters back, so an export in the middle of training changes nothing.
 """
 
@@ -67,7 +67,8 @@ class LoRALinear(nn.Linear):
 
 def _targets(model: nn.Module, targets: tuple[str, ...]):
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear) and name.rsplit(".", 1)[-1] in targets and ".router." not in f".{name}.":
+        wanted = name.rsplit(".", 1)[-1] in targets and ".router." not in f".{name}."
+        if wanted and isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear):
             parent_name, _, attr = name.rpartition(".")
             yield name, (model.get_submodule(parent_name) if parent_name else model), attr, mod
 

@@ -9,8 +9,9 @@
   a rank, the self-conditioning MLP when no row uses it) and fight gradient accumulation. Same result, fewer parts.
 - Checkpoints (`out/checkpoints/step-N/`, written to a temporary folder, then renamed; `LATEST` names the newest):
   model weights in the HF layout via `dgemma.checkpoint.save` (LoRA runs: only `lora.safetensors`), optimiser
-  tensors in safetensors with their settings in `trainer_state.json`, with the step, the data position, and the
-  torch/numpy/python RNG states. No pickles anywhere. A killed run restarted on the same folder continues exactly.
+  tensors in safetensors with their settings in `trainer_state.json`, with the step, the data position (the whole
+  state of the data stream: sources and noise are keyed on the example index) and the torch/numpy/python RNG
+  states. No pickles anywhere. A killed run restarted on the same folder continues exactly.
 - `metrics.jsonl` (rank 0): one line per logged step; a resumed run drops lines past its checkpoint first.
 """
 
@@ -23,9 +24,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ class Trainer:
                  lora: LoRAConfig | None = None, generation: GenerationConfig | None = None,
                  passthrough: dict | None = None, device: str | torch.device | None = None,
                  eos_id: int | None = None, pad_id: int | None = None, resume: bool = True,
-                 init_from: str | None = None, on_step: Callable[["Trainer", dict], None] | None = None):
+                 init_from: str | None = None, on_step: Callable[[Trainer, dict], None] | None = None):
         self.cfg, self.out = cfg, Path(out_dir)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = torch.device(device) if device is not None else model.device
@@ -140,6 +141,8 @@ class Trainer:
         latest = self.latest_checkpoint()
         if resume and latest is not None:
             self.load(latest)
+        elif self.rank == 0 and (self.out / "metrics.jsonl").is_file():
+            (self.out / "metrics.jsonl").unlink()  # a fresh start voids an older run's log
 
     # -- one step ------------------------------------------------------------------------------------------------
     @property
@@ -165,16 +168,18 @@ class Trainer:
         obj, micro = self.objective, list(self._micro_batches())
         # Normalise by the *global* counts, known before any backward: every micro-batch and rank then contributes
         # exactly its share of the global-batch mean.
-        enc_count = self._all_sum(torch.tensor([float(sum(int(encoder_targets(b, obj).sum()) for b in micro))]))
+        # (Tensors for collectives live on the device: nccl reduces CUDA tensors only.)
+        count = sum(int(encoder_targets(b, obj).sum()) for b in micro)
+        enc_count = self._all_sum(torch.tensor([float(count)], dtype=torch.float64, device=self.device))
         enc_norm, dec_norm = max(float(enc_count), 1.0), float(self.global_batch * obj.canvas_length)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in micro:
             ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
             with ctx:
                 parts = loss_parts(self.model, batch, obj)
             parts.total(obj, dec_norm, enc_norm).backward()
-            sums += torch.tensor([parts.decoder_sum.item(), parts.encoder_sum.item()], dtype=torch.float64)
+            sums += torch.stack([parts.decoder_sum.detach(), parts.encoder_sum.detach()]).double()
         if self.world > 1:
             self._all_reduce_grads()
         sums = self._all_sum(sums)

@@ -1,0 +1,63 @@
+"""`dgemma serve`: an OpenAI-compatible HTTP server over the block-diffusion engine.
+
+Modules:
+    cli.py           argparse `main(argv)` for `dgemma serve`; builds a `ServerConfig`, plans memory, loads, runs uvicorn
+    memory.py        the start-up memory plan (refuses what cannot fit, before allocating anything)
+    async_engine.py  the engine loop: one background thread owns the synchronous `Engine`; asyncio talks to it
+    protocol.py      pydantic request/response models and the OpenAI -> `SamplingParams` mapping
+    app.py           the FastAPI app factory: endpoints, auth, errors, SSE streaming, the playground page
+    metrics.py       Prometheus text-format metrics (plain formatting, no prometheus_client dependency)
+    static/          the playground page served at `GET /`
+
+`ServerConfig` lives here so that every module (and a caller embedding the server) can import it without pulling in
+FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `dgemma serve` was asked for. None means "take it from the checkpoint"."""
+
+    model: str | None = None  # checkpoint folder or hub name; None: the embedded default model
+    host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()  # first one is echoed in responses; empty: derived from `model`
+    api_key: str | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    max_model_len: int | None = None
+    canvas_length: int | None = None
+    max_denoising_steps: int | None = None
+    # Other denoising defaults from --diffusion-config (entropy_bound, t_min, ...), as sorted (name, value) pairs so
+    # the dataclass stays hashable and frozen.
+    diffusion_defaults: tuple[tuple[str, float], ...] = ()
+    max_num_seqs: int = 8
+    max_waiting: int = 64  # bounded waiting queue: beyond it requests get 503 + Retry-After
+    max_body_bytes: int = 4 * 2**20  # 413 beyond this
+    retry_after_s: int = 1
+    check_memory: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "port" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "canvas_length", "max_denoising_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def model_name(self) -> str:
+        """The name responses carry: the first --served-model-name, else the MODEL argument, else the default's."""
+        if self.served_model_names:
+            return self.served_model_names[0]
+        return self.model if self.model is not None else "dgemma-shakespeare"
+
+
+__all__ = ["ServerConfig"]

@@ -1,0 +1,317 @@
+"""The FastAPI app factory: OpenAI-compatible endpoints, auth, errors, SSE streaming, metrics and the playground.
+
+    app = create_app(llm, ServerConfig(...))      # uvicorn.run(app) starts the engine loop through the lifespan
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` SSE ending in
+`data: [DONE]`), GET /health, GET /metrics (Prometheus text), GET / (the playground page).
+
+Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: 400 invalid or unsupported
+fields and too-long prompts, 401 bad API key, 404 unknown model or route, 413 oversized body, 503 queue full (with
+Retry-After), 500 engine failure. A client that disconnects cancels its request: streaming responses are cancelled
+by Starlette (the generator's `finally` aborts), non-streaming ones watch `http.disconnect` themselves.
+
+Opt-in draft streaming: with `"dgemma": {"drafts": true}` and `stream: true`, every denoising step also sends a
+chunk with `"object": "dgemma.draft"`, `"choices": []` (so OpenAI clients, which must already skip the empty-choices
+usage chunk, ignore it) and `"dgemma": {canvas, step, token_ids, tokens, accepted, mean_entropy}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import ServerConfig
+from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
+from .metrics import ServerMetrics
+from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
+                       RequestError, Response, StreamChoice, Usage, completion_prompt, error_body, sampling_params,
+                       template_messages, unsupported)
+
+STATIC = Path(__file__).parent / "static"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors(include_url=False)[0]
+    # Union members show up in `loc` as type names ("str", "list[int]"): drop them, keep the field path.
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
+    param = ".".join(loc) or None
+    msg = err["msg"] if err["type"] != "extra_forbidden" else "unknown field (not an OpenAI or dgemma parameter)"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def create_app(llm, config: ServerConfig) -> FastAPI:
+    metrics = ServerMetrics(llm.engine.cfg.max_num_seqs, config.max_waiting)
+    engine = AsyncEngine(llm.engine, metrics, config.max_waiting)
+    names = set(config.served_model_names) | {config.model_name}
+    max_len = llm.engine.cfg.max_model_len
+    vocab = llm.engine.V
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="dgemma", summary="OpenAI-compatible block-diffusion server", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        with metrics.lock:
+            metrics.errors.inc(code=str(status))
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request: Request, e: RequestError):
+        return error_response(e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _fastapi_validation(_request: Request, e: RequestValidationError):
+        return error_response(400, error_body(str(e.errors()[0].get("msg")), param=None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, error_body(str(e.detail), kind, None, e.status_code), e.headers)
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            raise RequestError("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                               status=401, headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise RequestError("incorrect API key provided", code="invalid_api_key", status=401,
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = RequestError(f"request body exceeds {limit} bytes", code="request_too_large", status=413)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a lying Content-Length cannot get past
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(request: Request, model: type, endpoint: str):
+        authorize(request)
+        with metrics.lock:
+            metrics.received.inc(endpoint=endpoint)
+        body = await read_body(request)
+        try:
+            req = model.model_validate_json(body or b"null")
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            if e.errors()[0]["type"] == "json_invalid":
+                message, param = "request body is not valid JSON", None
+            raise RequestError(message, param=param) from None
+        if req.model is not None and req.model not in names:
+            raise RequestError(f"the model '{req.model}' does not exist; this server serves {sorted(names)}",
+                               param="model", code="model_not_found", status=404)
+        if (err := unsupported(req)) is not None:
+            raise err
+        return req
+
+    def budget(n_prompt: int, req) -> int:
+        """max_new_tokens for a request: what it asked for, or all the room left (never a silent 256 cap)."""
+        if n_prompt >= max_len:
+            raise RequestError(f"the prompt has {n_prompt} tokens but max_model_len is {max_len}: at least one "
+                               "token must be left for the output", param="prompt", code="context_length_exceeded")
+        asked = req.requested_max_tokens
+        if asked is not None and n_prompt + asked > max_len:
+            raise RequestError(f"this model's maximum context length is {max_len} tokens, but {n_prompt + asked} "
+                               f"were requested ({n_prompt} in the prompt, {asked} in the completion); reduce the "
+                               "prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
+        return asked if asked is not None else max_len - n_prompt
+
+    async def start(req, prompt_ids: list[int], prefix: str):
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        params = sampling_params(req, budget(len(prompt_ids), req))
+        try:
+            params.resolve(llm.engine.defaults)  # e.g. t_min above the checkpoint's t_max
+        except ValueError as e:
+            raise RequestError(str(e), param=str(e).split(" ")[0]) from None
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            q = engine.submit(rid, prompt_ids, params)
+        except QueueFullError as e:
+            raise RequestError(str(e), type="server_overloaded", code="queue_full", status=503,
+                               headers={"Retry-After": str(config.retry_after_s)}) from None
+        except EngineUnavailableError as e:
+            raise RequestError(str(e), type="server_error", code="engine_unavailable", status=503) from None
+        return rid, q
+
+    @functools.lru_cache(maxsize=65536)
+    def piece(token_id: int) -> str:
+        return llm.tokenizer.decode([token_id], skip_special_tokens=False) if llm.tokenizer else str(token_id)
+
+    def extras(out) -> dict:
+        return {"steps_per_canvas": out.steps_per_canvas, "tokens_per_forward": round(out.tokens_per_forward, 4)}
+
+    async def respond(request: Request, req, rid: str, q: asyncio.Queue, n_prompt: int, chat: bool, t0: float):
+        model_name, created = req.model or config.model_name, int(time.time())
+        usage = lambda out: Usage(prompt_tokens=n_prompt, completion_tokens=len(out.token_ids),  # noqa: E731
+                                  total_tokens=n_prompt + len(out.token_ids))
+        if req.stream:
+            return StreamingResponse(sse(req, rid, q, n_prompt, chat, t0, model_name, created, usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        out = await wait_final(request, rid, q, t0)
+        if chat:
+            choice = ChatChoice(message={"role": "assistant", "content": out.text}, finish_reason=out.finish_reason)
+        else:
+            choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+        return Response(id=rid, object="chat.completion" if chat else "text_completion", created=created,
+                        model=model_name, choices=[choice], usage=usage(out), dgemma=extras(out)).model_dump()
+
+    async def wait_final(request: Request, rid: str, q: asyncio.Queue, t0: float):
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            first = True
+            while True:
+                get = asyncio.ensure_future(q.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    engine.abort(rid)  # the client went away: free the slot now
+                    raise RequestError("client disconnected", status=499)
+                ev = get.result()
+                if ev.kind == "commit" and first and ev.token_ids_delta:
+                    first = False
+                    with metrics.lock:
+                        metrics.ttft.observe(time.monotonic() - t0)
+                elif ev.kind == "error":
+                    raise RequestError(ev.text_delta, type="server_error", status=500)
+                elif ev.kind == "finished":
+                    with metrics.lock:
+                        metrics.latency.observe(time.monotonic() - t0)
+                    return ev.output
+        finally:
+            gone.cancel()
+
+    async def sse(req, rid, q, n_prompt, chat, t0, model_name, created, usage):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None = None, finish: str | None = None, role: bool = False, **kw) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = StreamChoice(delta=delta, finish_reason=finish)
+            else:
+                choice = StreamChoice(text=text or "", finish_reason=finish)
+            r = Response(id=rid, object=obj, created=created, model=model_name, choices=[choice], **kw)
+            return b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
+
+        done, streamed, first = False, [], True
+        try:
+            if chat:
+                yield chunk(role=True)
+            while True:
+                ev = await q.get()
+                if ev.kind == "draft" and req.drafts:
+                    d = ev.draft
+                    info = {"canvas": d.canvas_index, "step": d.step, "token_ids": d.argmax,
+                            "tokens": [piece(t) for t in d.argmax], "accepted": d.accepted,
+                            "mean_entropy": round(d.mean_entropy, 5)}
+                    r = Response(id=rid, object="dgemma.draft", created=created, model=model_name, choices=[],
+                                 dgemma=info)
+                    yield b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
+                elif ev.kind == "commit":
+                    if first and ev.token_ids_delta:
+                        first = False
+                        with metrics.lock:
+                            metrics.ttft.observe(time.monotonic() - t0)
+                    if ev.text_delta:
+                        streamed.append(ev.text_delta)
+                        yield chunk(ev.text_delta)
+                elif ev.kind == "finished":
+                    out = ev.output
+                    tail = out.text[len("".join(streamed)):] if out.text.startswith("".join(streamed)) else ""
+                    if tail:  # held-back bytes the decoder flushed at the end
+                        yield chunk(tail)
+                    yield chunk(finish=out.finish_reason, dgemma=extras(out))
+                    if req.stream_options is not None and req.stream_options.include_usage:
+                        r = Response(id=rid, object=obj, created=created, model=model_name, choices=[],
+                                     usage=usage(out))
+                        yield b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
+                    done = True
+                    with metrics.lock:
+                        metrics.latency.observe(time.monotonic() - t0)
+                    yield b"data: [DONE]\n\n"
+                    return
+                elif ev.kind == "error":
+                    done = True
+                    body = error_body(ev.text_delta, "server_error")
+                    yield b"data: " + JSONResponse(body).body + b"\n\n" + b"data: [DONE]\n\n"
+                    return
+        finally:
+            if not done:
+                engine.abort(rid)  # cancelled by a disconnect (Starlette cancels the generator)
+
+    async def wait_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.monotonic()
+        req = await parse(request, CompletionRequest, "completions")
+        prompt = completion_prompt(req)
+        ids = await asyncio.to_thread(llm.encode, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        rid, q = await start(req, ids, "cmpl")
+        return await respond(request, req, rid, q, len(ids), False, t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.monotonic()
+        req = await parse(request, ChatCompletionRequest, "chat")
+        messages = template_messages(req)
+        try:
+            ids = await asyncio.to_thread(llm.chat_prompt, messages, **(req.chat_template_kwargs or {}))
+        except Exception as e:  # template errors (e.g. roles must alternate) are the client's to fix
+            raise RequestError(f"chat template: {e}", param="messages") from None
+        rid, q = await start(req, ids, "chatcmpl")
+        return await respond(request, req, rid, q, len(ids), True, t0)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        cards = [ModelCard(id=n, created=started, root=str(llm.checkpoint.path), max_model_len=max_len)
+                 for n in [config.model_name] + [n for n in config.served_model_names if n != config.model_name]]
+        return ModelList(data=cards).model_dump()
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error_response(503, error_body("engine loop is not running", "server_error"))
+        return {"status": "ok", "running": metrics.running.get(), "waiting": metrics.queue_depth.get()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(STATIC / "playground.html", media_type="text/html")
+
+    return app

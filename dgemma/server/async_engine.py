@@ -1,0 +1,214 @@
+"""The engine loop: one background thread owns the synchronous `Engine`; the asyncio side talks to it by messages.
+
+The engine is not thread-safe, so every engine call (`add_request`, `step`, `abort`) happens on the loop thread.
+The asyncio side puts ("add" | "abort" | "stop") commands on a thread-safe queue; the loop drains them between
+steps (requests join and leave between denoising steps: continuous batching) and hands each step's events back in
+one `loop.call_soon_threadsafe` call, which routes them into per-request `asyncio.Queue`s. The asyncio side alone
+touches `_streams`, so no lock is needed there.
+
+Admission control is here too: at most `max_num_seqs + max_waiting` requests are in flight; one more raises
+`QueueFullError` (the HTTP layer answers 503 + Retry-After) instead of letting the queue grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+
+from ..engine import Engine
+from ..outputs import StreamEvent
+from ..sampling_params import SamplingParams
+from .metrics import ServerMetrics
+
+log = logging.getLogger("dgemma.server")
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine loop is not running (not started, shut down, or crashed)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, max_waiting: int = 64):
+        self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+        self.max_num_seqs = engine.cfg.max_num_seqs
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}  # asyncio thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # engine thread only: submission times (queue-wait metric) and which requests held a slot last step
+        self._submitted: dict[str, tuple[float, int]] = {}
+        self._in_slots: set[str] = set()
+        self._stats = dict(engine.stats)
+
+    # -- lifecycle (asyncio side) ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._cmds.put(("stop",))
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def capacity(self) -> int:
+        return self.max_num_seqs + self.max_waiting
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- requests (asyncio side) -------------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Queue a request; its StreamEvents (and a final "finished" or "error" event) arrive on the returned queue."""
+        if not self.alive:
+            raise EngineUnavailableError("the engine loop is not running")
+        if len(self._streams) >= self.capacity:
+            raise QueueFullError(f"server busy: {self.max_num_seqs} requests running and {self.max_waiting} "
+                                 "waiting (the queue is full); retry later")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._cmds.put(("add", request_id, prompt_ids, params, time.monotonic()))
+        with self.metrics.lock:
+            self.metrics.in_flight.set(len(self._streams))
+        return q
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request (client gone): it leaves the queue or frees its slot before the next step."""
+        if self._streams.pop(request_id, None) is None:
+            return False  # already finished
+        self._cmds.put(("abort", request_id))
+        with self.metrics.lock:
+            self.metrics.finished.inc(finish_reason="cancelled")
+            self.metrics.in_flight.set(len(self._streams))
+        return True
+
+    def _dispatch(self, events: list[StreamEvent]) -> None:
+        for ev in events:
+            q = self._streams.get(ev.request_id)
+            if q is None:
+                continue  # aborted while this step ran
+            q.put_nowait(ev)
+            if ev.kind in ("finished", "error"):
+                del self._streams[ev.request_id]
+        with self.metrics.lock:
+            self.metrics.in_flight.set(len(self._streams))
+
+    def _post(self, events: list[StreamEvent]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, events)
+        except RuntimeError:
+            pass  # the event loop has closed: the server is shutting down
+
+    # -- the loop (engine thread) ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                # Block only when idle; while requests run, take whatever arrived and step again.
+                cmd = self._cmds.get(timeout=1.0) if not eng.has_work() else self._cmds.get_nowait()
+            except queue.Empty:
+                cmd = None
+            stop = False
+            while cmd is not None:
+                stop |= self._handle(cmd)
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if stop:
+                return
+            if eng.has_work():
+                self._step()
+            self._gauges()
+
+    def _handle(self, cmd: tuple) -> bool:
+        if cmd[0] == "stop":
+            return True
+        if cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+            self._submitted.pop(cmd[1], None)
+        elif cmd[0] == "add":
+            _, rid, prompt, params, t0 = cmd
+            try:
+                self.engine.add_request(prompt, params, rid)
+                self._submitted[rid] = (t0, len(prompt))
+            except Exception as e:  # validated on the asyncio side already; this is a last line of defence
+                self._post([StreamEvent(rid, "error", text_delta=str(e))])
+        return False
+
+    def _step(self) -> None:
+        eng = self.engine
+        t0 = time.perf_counter()
+        try:
+            events = eng.step()
+        except Exception as e:
+            # Fail every request in flight rather than hang them, and keep serving: the engine state of the
+            # failed step is discarded with them (abort frees every slot).
+            log.exception("engine step failed")
+            ids = [s.id for s in eng.slots if s is not None] + [s.id for s in eng.waiting]
+            for rid in ids:
+                eng.abort(rid)
+                self._submitted.pop(rid, None)
+            self._post([StreamEvent(rid, "error", text_delta=f"engine failure: {e}") for rid in ids])
+            with self.metrics.lock:
+                self.metrics.finished.inc(len(ids), finish_reason="error")
+            return
+        dt = time.perf_counter() - t0
+        now = time.monotonic()
+        running = {s.id: s for s in eng.slots if s is not None}
+        for s in running.values():
+            if s.params.trace:
+                s.out.trace.clear()  # drafts were streamed; keeping every step's canvas would grow without bound
+        admitted = [rid for rid in running if rid not in self._in_slots and rid in self._submitted]
+        finished = [ev for ev in events if ev.kind == "finished"]
+        stats, old = eng.stats, self._stats
+        m = self.metrics
+        with m.lock:
+            m.step_time.observe(dt)
+            for rid in admitted:
+                t_sub, n_prompt = self._submitted[rid]
+                m.queue_wait.observe(max(0.0, now - t_sub - dt))
+                m.prompt_tokens.inc(n_prompt)
+            for ev in finished:
+                sub = self._submitted.pop(ev.request_id, None)
+                if sub is not None and ev.request_id not in self._in_slots:  # admitted and finished in this step
+                    m.queue_wait.observe(max(0.0, now - sub[0] - dt))
+                    m.prompt_tokens.inc(sub[1])
+                m.finished.inc(finish_reason=ev.output.finish_reason or "stop")
+                for c in ev.output.canvases:
+                    m.steps_per_canvas.observe(c.steps)
+            m.forwards.inc(stats["forwards"] - old["forwards"])
+            m.decoder_forwards.inc(stats["decoder_forwards"] - old["decoder_forwards"])
+            m.generation_tokens.inc(stats["tokens"] - old["tokens"])
+            m.canvases.inc(stats["canvases"] - old["canvases"])
+            if stats["forwards"]:
+                m.tokens_per_forward.set(stats["tokens"] / stats["forwards"])
+            if stats["decoder_forwards"]:
+                m.tokens_per_decoder_forward.set(stats["tokens"] / stats["decoder_forwards"])
+        self._stats = dict(stats)
+        self._in_slots = set(running)
+        for rid in admitted:
+            self._submitted.pop(rid, None)
+        if events:
+            self._post(events)
+
+    def _gauges(self) -> None:
+        with self.metrics.lock:
+            self.metrics.queue_depth.set(len(self.engine.waiting))
+            self.metrics.running.set(self.engine.num_running)

@@ -1,0 +1,135 @@
+"""`dgemma serve [MODEL] [options]`: parse the command line, plan memory, load the model, run uvicorn.
+
+    dgemma serve ./my-checkpoint --max-num-seqs 16 --max-model-len 4096 --canvas-length 256 --api-key sk-local
+    dgemma serve --diffusion-config '{"canvas_length": 256, "max_denoising_steps": 48}'
+
+Every multi-word flag takes dashes or underscores (`--canvas_length 256`), as vLLM's do. With no MODEL the embedded
+default model is served. The server binds 127.0.0.1 unless --host says otherwise. Exit status 2 means the
+configuration was refused before anything was loaded (bad flags, a memory plan that cannot fit, a missing model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+
+from . import ServerConfig
+
+log = logging.getLogger("dgemma.server")
+
+# --diffusion-config keys: the two model-shape ones LLM takes, and denoising defaults for every request
+_SHAPE_KEYS = ("canvas_length", "max_denoising_steps")
+_DEFAULT_KEYS = ("entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kw) -> None:
+    """Adds `--multi-word` and its `--multi_word` spelling."""
+    names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
+    parser.add_argument(*names, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgemma serve", description="OpenAI-compatible server for block-diffusion "
+                                "models (endpoints /v1/completions, /v1/chat/completions, /v1/models, /metrics, /).")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: the embedded model)")
+    _flag(p, "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    _flag(p, "--port", type=int, default=8000)
+    _flag(p, "--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    _flag(p, "--canvas-length", type=int, default=None, help="tokens denoised in parallel per canvas")
+    _flag(p, "--max-denoising-steps", type=int, default=None, help="default cap of steps per canvas")
+    _flag(p, "--diffusion-config", default=None, help='JSON, e.g. \'{"canvas_length": 256, '
+          '"max_denoising_steps": 48, "entropy_bound": 0.1}\'')
+    _flag(p, "--max-num-seqs", type=int, default=8, help="requests denoised concurrently (KV cache slots)")
+    _flag(p, "--max-waiting", type=int, default=64, help="bound of the waiting queue (beyond: 503 + Retry-After)")
+    _flag(p, "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    _flag(p, "--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model'")
+    _flag(p, "--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    _flag(p, "--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _flag(p, "--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    _flag(p, "--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
+    _flag(p, "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    shape = {"canvas_length": args.canvas_length, "max_denoising_steps": args.max_denoising_steps}
+    defaults: dict[str, float] = {}
+    if args.diffusion_config:
+        try:
+            dc = json.loads(args.diffusion_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--diffusion-config is not valid JSON ({e})") from None
+        if not isinstance(dc, dict):
+            raise ValueError("--diffusion-config must be a JSON object")
+        unknown = sorted(set(dc) - set(_SHAPE_KEYS) - set(_DEFAULT_KEYS))
+        if unknown:
+            raise ValueError(f"--diffusion-config: unknown key(s) {unknown}; known: {list(_SHAPE_KEYS + _DEFAULT_KEYS)}")
+        for k in _SHAPE_KEYS:
+            if k in dc:
+                if shape[k] is not None and shape[k] != dc[k]:
+                    raise ValueError(f"--{k.replace('_', '-')} {shape[k]} contradicts --diffusion-config {k}={dc[k]}")
+                shape[k] = dc[k]
+        defaults = {k: dc[k] for k in _DEFAULT_KEYS if k in dc}
+    return ServerConfig(
+        model=args.model, host=args.host, port=args.port, served_model_names=tuple(args.served_model_name or ()),
+        api_key=args.api_key, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+        max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
+        max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
+        max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+        check_memory=not args.no_memory_check, log_level=args.log_level)
+
+
+def build(config: ServerConfig):
+    """Plan memory, load the model, return (llm, app). Raises before loading anything if the plan cannot fit."""
+    from ..checkpoint import resolve
+    from ..llm import LLM, default_model_path
+    from . import memory
+
+    path = resolve(config.model) if config.model is not None else default_model_path()
+    if not path.is_dir():
+        raise ValueError(f"the embedded default model is not installed ({path}): pass a MODEL folder or Hub id")
+    if config.check_memory:
+        plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
+                                       max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                                       canvas_length=config.canvas_length, max_waiting=config.max_waiting)
+        log.info("memory plan (fits):\n%s", plan.describe())
+    llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
+              max_model_len=config.max_model_len, canvas_length=config.canvas_length,
+              max_denoising_steps=config.max_denoising_steps)
+    if config.diffusion_defaults:
+        # Server-wide denoising defaults: every request field left out falls back to these (then the checkpoint's).
+        llm.engine.defaults = replace(llm.engine.defaults, **dict(config.diffusion_defaults))
+    from .app import create_app
+
+    return llm, create_app(llm, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from .memory import MemoryPlanError
+
+    try:
+        config = config_from_args(args)
+        _, app = build(config)
+    except (MemoryPlanError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"dgemma serve: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    log.info("serving %s on http://%s:%d (playground at /)", config.model_name, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

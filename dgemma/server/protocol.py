@@ -1,0 +1,263 @@
+"""OpenAI wire format: pydantic request/response models, and the mapping of request fields to `SamplingParams`.
+
+Requests are validated strictly (`strict=True`: "5" is not an int, true is not a number) and unknown fields are
+refused (`extra="forbid"`): a misspelt knob must not be silently ignored. OpenAI features dgemma does not implement
+(`logprobs`, `logit_bias`, `tools`, `response_format` other than text, `n` > 1, penalties, ...) are declared so that
+`unsupported()` can answer 400 naming the field instead of a generic "extra field" error.
+
+Field mapping: `max_completion_tokens` / `max_tokens` -> max_new_tokens (absent: the room left in max_model_len, not
+the checkpoint's 256), `seed`, `stop`, `top_k`, `top_p`. DiffusionGemma extras, sent as extra body fields:
+`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`,
+`ignore_eos`, `stop_token_ids`, and `"dgemma": {"drafts": true}` (stream the draft canvas of every denoising step).
+`temperature` is accepted (0..2) but has no effect: the denoising schedule anneals from t_max to t_min over the steps
+of each canvas, so set `t_min`/`t_max` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A client error, answered with an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+        self.headers = headers or {}
+
+
+# -- requests ----------------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class DgemmaOptions(_Strict):
+    drafts: bool = False  # stream "dgemma.draft" events: the argmax canvas and accepted mask at every step
+
+
+class _Common(_Strict):
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # accepted, no effect: see the module docstring
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    user: str | None = None
+    # DiffusionGemma extras
+    max_denoising_steps: int | None = Field(None, ge=1)
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, ge=0)
+    stability_threshold: int | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    dgemma: DgemmaOptions | None = None
+    # declared only to be refused by name (see `unsupported`)
+    n: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    best_of: int | None = None
+
+    @property
+    def drafts(self) -> bool:
+        return bool(self.dgemma and self.dgemma.drafts)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def unsupported(req: _Common) -> RequestError | None:
+    """The first requested feature dgemma does not implement, as a 400 naming the field (None if all is fine)."""
+    def err(param: str, what: str) -> RequestError:
+        return RequestError(f"'{param}' is not supported by dgemma: {what}", param=param, code="unsupported_feature")
+
+    if req.n not in (None, 1):
+        return err("n", "one choice per request (n must be 1); send several requests with different seeds")
+    if req.best_of not in (None, 1):
+        return err("best_of", "best_of must be 1")
+    if req.logit_bias:
+        return err("logit_bias", "logit biases are not implemented")
+    if req.presence_penalty or req.frequency_penalty:
+        return err("presence_penalty" if req.presence_penalty else "frequency_penalty", "penalties are not "
+                   "implemented (a canvas is sampled in parallel, so there is no sequential history to penalise)")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        return err("response_format", f"only {{'type': 'text'}} is implemented, got "
+                   f"{req.response_format.get('type')!r} (no JSON mode or JSON schema)")
+    if req.stream_options is not None and not req.stream:
+        return RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            return err("logprobs", "log probabilities are not returned")
+        if req.echo:
+            return err("echo", "echo is not implemented")
+        if req.suffix:
+            return err("suffix", "insertion (suffix) is not implemented")
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs or req.top_logprobs:
+            return err("logprobs" if req.logprobs else "top_logprobs", "log probabilities are not returned")
+        for name in ("tools", "functions", "function_call"):
+            if getattr(req, name):
+                return err(name, "tool and function calling are not implemented")
+        if req.tool_choice not in (None, "none"):
+            return err("tool_choice", "tool calling is not implemented")
+        if not req.messages:
+            return RequestError("'messages' must hold at least one message", param="messages")
+    return None
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    p = req.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise RequestError(f"'prompt' holds {len(p)} prompts: dgemma takes one prompt per request "
+                               "(batched prompts are not supported; send concurrent requests)", param="prompt",
+                               code="unsupported_feature")
+        p = p[0]
+    if not p:
+        raise RequestError("'prompt' is empty", param="prompt")
+    return p
+
+
+def template_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: text content only (parts joined), developer -> system."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" or m.tool_calls or m.tool_call_id:
+            raise RequestError(f"messages[{i}]: tool messages and tool calls are not supported",
+                               param=f"messages.{i}", code="unsupported_feature")
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}].content[{j}]: part type {part.get('type')!r} is not "
+                                       "supported (text only: dgemma serves the text model)",
+                                       param=f"messages.{i}.content", code="unsupported_feature")
+                texts.append(part["text"])
+            content = "".join(texts)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def sampling_params(req: _Common, max_new_tokens: int) -> SamplingParams:
+    """The engine's parameters for a request; their own validation errors become 400s naming the field."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, seed=req.seed, stop=tuple(stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+            top_k=req.top_k if req.top_k is not None else 0, top_p=req.top_p if req.top_p is not None else 1.0,
+            max_denoising_steps=req.max_denoising_steps, entropy_bound=req.entropy_bound, t_min=req.t_min,
+            t_max=req.t_max, stability_threshold=req.stability_threshold,
+            confidence_threshold=req.confidence_threshold, trace=req.drafts)
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split(" ")[0]) from None
+
+
+# -- responses ---------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: dict[str, Any]  # {"role": "assistant", "content": ...}
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class StreamChoice(BaseModel):
+    index: int = 0
+    text: str | None = None  # completions
+    delta: dict[str, Any] | None = None  # chat
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Response(BaseModel):
+    """A completion, chat completion, or one streamed chunk of either (`object` tells which)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice | ChatChoice | StreamChoice]
+    usage: Usage | None = None
+    dgemma: dict[str, Any] | None = None  # per-canvas steps, tokens per forward; a draft canvas in drafts
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "dgemma"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
