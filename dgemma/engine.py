@@ -275,14 +275,15 @@ class Engine:
         return new
 
     def _finish(self, s: Sequence, reason: str) -> StreamEvent:
-        if s.decoder is not None and reason != "stop":
-            tail = s.decoder.flush()
+        tail = ""
+        if s.decoder is not None and not (reason == "stop" and s.params.stop):
+            tail = s.decoder.flush()  # bytes held back for an incomplete character
             s.out.text += tail
         s.out.finished, s.out.finish_reason = True, reason
         if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
             self.slots[s.slot] = None
             self.cache.reset(s.slot)
-        return StreamEvent(s.id, "finished", output=s.out)
+        return StreamEvent(s.id, "finished", text_delta=tail, output=s.out)
 
     # -- convenience ---------------------------------------------------------------------------------------------
     def run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:

@@ -1,0 +1,167 @@
+"""The `dgemma` command: generate, serve, train, sudoku.
+
+    dgemma generate "To be, or not to be"                  # embedded default model, live canvas view
+    dgemma generate --model google/diffusiongemma-26B-A4B-it --chat "Hello" --json
+    dgemma serve [MODEL] --port 8000
+    dgemma train --config cfg.json --data text:corpus.txt --tokenizer DIR --out runs/x
+    dgemma sudoku solve 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
+
+Every multi-word flag also takes underscores (`--max_new_tokens`). Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "generate": ("generate text by block diffusion", "dgemma.cli", "generate_main"),
+    "serve": ("serve an OpenAI-compatible API", "dgemma.server.cli", "main"),
+    "train": ("train or fine-tune a block-diffusion model", "dgemma.train.cli", "main"),
+    "sudoku": ("train, evaluate and run the Sudoku solver", "dgemma.sudoku.cli", "main"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse where every `--multi-word` flag also answers to `--multi_word` (as vLLM's parser does)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        fixed = []
+        for a in args:
+            if a == "--":
+                fixed += args[len(fixed):]
+                break
+            if a.startswith("--") and len(a) > 2:
+                name, eq, value = a.partition("=")
+                a = "--" + name[2:].replace("_", "-") + eq + value
+            fixed.append(a)
+        return super().parse_known_args(fixed, namespace)
+
+
+def fail(msg: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    print(f"dgemma: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def add_sampler_flags(p: Parser) -> None:
+    g = p.add_argument_group("sampler (defaults: the checkpoint's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--max-denoising-steps", type=int, help="hard cap of decoder forwards per canvas")
+    g.add_argument("--entropy-bound", type=float, help="acceptance: sum of accepted entropies minus their max")
+    g.add_argument("--t-min", type=float, help="temperature at the last step")
+    g.add_argument("--t-max", type=float, help="temperature at the first step")
+    g.add_argument("--stability-threshold", type=int)
+    g.add_argument("--confidence-threshold", type=float, help="0 disables early stopping")
+    g.add_argument("--top-k", type=int, default=0, help="exploration mask (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="exploration mask (1 = off)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--seed", type=int)
+
+
+def sampling_params(args, trace: bool = False):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
+        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
+        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
+        top_k=args.top_k, top_p=args.top_p, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed, trace=trace)
+
+
+def add_model_flags(p: Parser) -> None:
+    p.add_argument("--model", help="checkpoint folder or Hugging Face Hub id (default: the embedded model)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def generate_main(argv: list[str]) -> int:
+    p = Parser(prog="dgemma generate", description="Generate text by denoising canvases in parallel.")
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    add_model_flags(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--show-canvas", action="store_true", help="live terminal view of the canvas being denoised")
+    p.add_argument("--trace-out", help="write the denoising trace as an animated GIF (or a folder of PNGs)")
+    add_sampler_flags(p)
+    args = p.parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
+    from .llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode(prompt)
+    params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))
+    t1 = time.perf_counter()
+    if args.show_canvas:
+        from .live import LiveCanvas
+
+        out = LiveCanvas(llm.tokenizer, llm.config.canvas_length, prompt_text=prompt).run(llm.stream(ids, params))
+    else:
+        out = llm.generate([ids], params)[0]
+    gen_s = time.perf_counter() - t1
+    if args.trace_out:
+        from .visualize import render_trace
+
+        render_trace(out.trace, llm.tokenizer, Path(args.trace_out), prompt=prompt)
+    if args.json:
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "prompt_tokens": len(ids), "completion_tokens": len(out.token_ids),
+            "steps_per_canvas": out.steps_per_canvas, "decoder_forwards": out.decoder_forwards,
+            "tokens_per_forward": round(out.tokens_per_forward, 3), "seconds": round(gen_s, 3),
+            "tokens_per_second": round(len(out.token_ids) / gen_s, 1) if gen_s else None,
+            "load_seconds": round(load_s, 3),
+        }))
+    elif not args.show_canvas:
+        print(out.text)
+        print(f"[{len(out.token_ids)} tokens, {len(out.canvases)} canvases, steps {out.steps_per_canvas}, "
+              f"{out.tokens_per_forward:.2f} tokens/forward, {len(out.token_ids) / gen_s:.1f} tokens/s]",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = Parser(prog="dgemma", description="DiffusionGemma-style block-diffusion text generation.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                 epilog="commands:\n" + "\n".join(f"  {k:<10}{v[0]}" for k, v in SUBCOMMANDS.items())
+                 + "\n\nRun `dgemma COMMAND --help` for a command's flags.")
+    top.add_argument("command", nargs="?", choices=list(SUBCOMMANDS))
+    top.add_argument("--version", action="store_true")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    cmd = argv[0]
+    if cmd not in SUBCOMMANDS:
+        top.print_usage(sys.stderr)
+        fail(f"unknown command {cmd!r} (choose from {', '.join(SUBCOMMANDS)})")
+    logging.basicConfig(level=logging.WARNING, format="dgemma: %(message)s")
+    import importlib
+
+    _, module, func = SUBCOMMANDS[cmd]
+    try:
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError) as e:
+        # Bad checkpoints, configs, flags and inputs all raise ValueError subclasses with a one-line message.
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:
+        fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
