@@ -222,7 +222,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             r = Response(id=rid, object=obj, created=created, model=model_name, choices=[choice], **kw)
             return b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
-        done, streamed, first = False, [], True
+        done, streamed, first, pending = False, [], True, 0
         try:
             if chat:
                 yield chunk(role=True)
@@ -241,9 +241,11 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                         first = False
                         with metrics.lock:
                             metrics.ttft.observe(time.monotonic() - t0)
-                    if ev.text_delta:
+                    pending += len(ev.token_ids_delta)
+                    if ev.text_delta:  # drafts mode also says how many tokens the canvas added (for tokens/s)
                         streamed.append(ev.text_delta)
-                        yield chunk(ev.text_delta)
+                        yield chunk(ev.text_delta, dgemma={"tokens": pending} if req.drafts else None)
+                        pending = 0
                 elif ev.kind == "finished":
                     out = ev.output
                     tail = out.text[len("".join(streamed)):] if out.text.startswith("".join(streamed)) else ""

@@ -14,6 +14,8 @@ import argparse
 import json
 import logging
 import sys
+import threading
+import time
 from dataclasses import replace
 
 from . import ServerConfig
@@ -105,6 +107,39 @@ def build(config: ServerConfig):
     from .app import create_app
 
     return llm, create_app(llm, config)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` from a daemon thread on a free loopback port, for tests, benchmarks and notebooks.
+
+        with BackgroundServer(app) as srv:
+            OpenAI(base_url=srv.url + "/v1", api_key=...)
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, name="dgemma-uvicorn", daemon=True)
+        self.host, self.port = host, port
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]  # port 0 asked the OS for a free one
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 class Trainer:
+    """Trains `model` in place on `source` (see data.py) into the run folder `out_dir`; resumes from its latest
+    checkpoint unless `resume=False`. `lora` wraps the linears first (fine-tuning); `on_step(trainer, record)` runs
+    after every step (tests use it to kill a run)."""
+
     def __init__(self, model: DiffusionGemma, source, cfg: TrainConfig, out_dir: str | Path, *,
                  lora: LoRAConfig | None = None, generation: GenerationConfig | None = None,
                  passthrough: dict | None = None, device: str | torch.device | None = None,

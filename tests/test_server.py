@@ -1,0 +1,241 @@
+"""`dgemma serve` with the real `openai` client: completions, chat, streaming, drafts, every error class, CLI, memory.
+
+One tiny random checkpoint and one server (uvicorn in a background thread on a free loopback port) for the module;
+outputs are checked against offline `LLM.generate` / `LLM.chat` with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from dgemma.llm import LLM
+from dgemma.sampling_params import SamplingParams
+from dgemma.server import ServerConfig
+from dgemma.server import cli, memory
+from dgemma.server.metrics import parse_text
+from tests.helpers import make_tiny_checkpoint
+
+KEY = "sk-test"
+MAX_LEN = 128
+FAST = {"max_denoising_steps": 4}  # extra body: few steps per canvas keeps every request short
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", canvas_length=16)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    cfg = ServerConfig(model=str(ckpt), served_model_names=("tiny", "tiny-alias"), api_key=KEY, max_num_seqs=4,
+                       max_waiting=2, max_model_len=MAX_LEN, max_body_bytes=64 * 1024)
+    _, app = cli.build(cfg)
+    with cli.BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def offline(ckpt):
+    return LLM(ckpt, max_num_seqs=4, max_model_len=MAX_LEN)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def sp(**kw) -> SamplingParams:
+    return SamplingParams(**{**FAST, **kw})
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dgemma_requests_received_total", "dgemma_generation_tokens_total", "dgemma_queue_depth",
+                 "dgemma_running_canvases", "dgemma_tokens_per_forward", "dgemma_denoising_steps_per_canvas_bucket",
+                 "dgemma_time_to_first_token_seconds_bucket", "dgemma_request_latency_seconds_count"):
+        assert name in text
+
+
+def test_completion_matches_offline(client, offline):
+    r = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=24, seed=7, extra_body=FAST)
+    ref = offline.generate("To be, or not", sp(max_new_tokens=24, seed=7))[0]
+    assert r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.model == "tiny" and r.object == "text_completion"
+
+
+def test_chat_stream_equals_non_stream_equals_offline(client, offline):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hamlet?"}]
+    kw = dict(model="tiny-alias", messages=msgs, max_completion_tokens=40, seed=11, extra_body=FAST)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    ref = offline.chat(msgs, sp(max_new_tokens=40, seed=11))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed == ref.text
+    assert whole.choices[0].message.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [ref.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + len(ref.token_ids)
+
+
+def test_sse_wire_format_and_drafts(server, client):
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 20, "seed": 3, "stream": True,
+            "dgemma": {"drafts": True}, **FAST}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    drafts = [o for o in objs if o["object"] == "dgemma.draft"]
+    assert drafts and all(o["choices"] == [] and len(o["dgemma"]["tokens"]) == 16 and
+                          len(o["dgemma"]["accepted"]) == 16 for o in drafts)
+    assert [d["dgemma"]["step"] for d in drafts if d["dgemma"]["canvas"] == 0] == [1, 2, 3, 4]
+    # The OpenAI client yields the drafts as chunks with empty choices: code that skips those (as it must for the
+    # usage chunk) reads the same text as without drafts.
+    with_drafts = client.completions.create(model="tiny", prompt="To be", max_tokens=20, seed=3, stream=True,
+                                            extra_body={**FAST, "dgemma": {"drafts": True}})
+    text = "".join(c.choices[0].text for c in with_drafts if c.choices)
+    plain = client.completions.create(model="tiny", prompt="To be", max_tokens=20, seed=3, extra_body=FAST)
+    assert text == plain.choices[0].text == "".join(o["choices"][0]["text"] for o in objs if o["choices"])
+
+
+def test_default_max_tokens_is_room_left(client, offline):
+    ids = offline.encode("To be")
+    r = client.completions.create(model="tiny", prompt="To be", seed=1,
+                                  extra_body={"ignore_eos": True, "max_denoising_steps": 1})
+    assert r.usage.completion_tokens == MAX_LEN - len(ids)  # never a silent 256 (or other) cap
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_temperature_is_accepted_and_schedule_decides(client):
+    outs = {client.completions.create(model="tiny", prompt="To", max_tokens=16, seed=5, temperature=t,
+                                      extra_body=FAST).choices[0].text for t in (0, 0.7, 2)}
+    assert len(outs) == 1
+
+
+BAD_REQUESTS = [  # (field overrides, param named in the error)
+    ({"max_tokens": "5"}, "max_tokens"),  # wrong type (no coercion)
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"seed": -1}, "seed"),
+    ({"temperature": 3}, "temperature"),
+    ({"n": 2}, "n"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"t_min": 0.9, "t_max": 0.5}, "t_max"),
+    ({"max_denoising_steps": 0}, "max_denoising_steps"),
+    ({"bogus_knob": 1}, "bogus_knob"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"max_completion_tokens": MAX_LEN}, "max_tokens"),  # prompt + max_tokens > max_model_len
+]
+
+
+@pytest.mark.parametrize("override,param", BAD_REQUESTS, ids=[p for _, p in BAD_REQUESTS])
+def test_400_names_the_field(client, override, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **override}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", body=body, cast_to=object)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == param, err
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_too_long_prompt_states_the_counts(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[5] * (MAX_LEN + 3), max_tokens=4)
+    assert f"{MAX_LEN + 3} tokens" in e.value.message and f"max_model_len is {MAX_LEN}" in e.value.message
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_auth_model_size_and_route_errors(server, client):
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.completions.create(model="tiny", prompt="x", max_tokens=4)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})  # no key at all (openai cannot send none)
+    assert r.status_code == 401 and r.json()["error"]["message"].startswith("missing API key")
+    assert r.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=4)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="tiny", prompt="x" * 100_000, max_tokens=4)
+    assert e.value.status_code == 413 and e.value.code == "request_too_large"
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "request body is not valid JSON"
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_queue_full_is_503_with_retry_after(server, client):
+    # 4 slots + 2 waiting = 6 in flight; long requests (48 steps a canvas, no EOS) keep them busy.
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 100, "stream": True, "ignore_eos": True,
+            "max_denoising_steps": 48, "stability_threshold": 0, "confidence_threshold": 0}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                      limits=httpx.Limits(max_connections=10)) as h:
+        streams = [h.stream("POST", "/v1/completions", json=body) for _ in range(6)]
+        try:
+            assert all(s.__enter__().status_code == 200 for s in streams)
+            with pytest.raises(openai.InternalServerError) as e:
+                client.completions.create(model="tiny", prompt="x", max_tokens=4)
+            assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+            assert e.value.code == "queue_full" and "queue is full" in e.value.message
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)  # disconnect: the server aborts them and frees the slots
+    values = {}
+    for _ in range(200):  # bounded wait for the aborts to reach the engine loop
+        values = parse_text(httpx.get(server.url + "/metrics").text)
+        if values["dgemma_running_canvases"] == 0 and values["dgemma_requests_in_flight"] == 0:
+            break
+        __import__("time").sleep(0.05)
+    assert values["dgemma_running_canvases"] == 0 and values["dgemma_queue_depth"] == 0
+    assert values['dgemma_requests_finished_total{finish_reason="cancelled"}'] >= 6
+
+
+def test_cli_flags_underscores_and_diffusion_config():
+    args = cli.build_parser().parse_args(["m", "--max_model_len", "64", "--canvas_length", "32",
+                                          "--diffusion-config", '{"max_denoising_steps": 4, "t_min": 0.3}',
+                                          "--served_model_name", "a", "b", "--api-key", "k"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.max_model_len, cfg.canvas_length, cfg.max_denoising_steps) == (64, 32, 4)
+    assert cfg.diffusion_defaults == (("t_min", 0.3),) and cfg.served_model_names == ("a", "b")
+    assert cfg.host == "127.0.0.1" and cfg.model_name == "a"
+    bad = cli.build_parser().parse_args(["m", "--canvas-length", "8", "--diffusion-config", '{"canvas_length": 16}'])
+    with pytest.raises(ValueError, match="contradicts"):
+        cli.config_from_args(bad)
+
+
+def test_memory_plan_refuses_at_start_up(ckpt, capsys):
+    assert cli.main(["serve", str(ckpt), "--max-num-seqs", "100000", "--max-model-len", "2048"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "KV cache" in err and "would fit" in err
+
+
+def test_memory_plan_kv_is_exact(ckpt):
+    import torch
+
+    from dgemma.config import ModelConfig
+    from dgemma.kv_cache import KVCache
+
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    p = memory.plan(cfg, torch.float32, max_num_seqs=3, max_model_len=100, available=None)
+    assert dict(p.parts)["KV cache"] == KVCache(cfg.text, 3, 100).nbytes()
+    assert p.fits and p.total > dict(p.parts)["weights"] > 0
