@@ -22,7 +22,7 @@ from torch import nn
 _state = threading.local()
 
 DENSE_TILE = 64  # rows per kernel call for the dense layers
-EXPERT_TILE = 16  # expert groups are small: a smaller tile wastes less padding
+EXPERT_TILE = 32  # expert groups are small: a smaller tile wastes less padding
 
 
 def enabled() -> bool:
@@ -30,19 +30,22 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def mode(on: bool = True):
-    prev = enabled()
-    _state.on = on
+def mode(on: bool = True, dense_tile: int = DENSE_TILE):
+    """Turn the mode on (or off) in this thread. The engine passes its canvas length as the dense tile, so a
+    denoising forward (rows x canvas tokens) needs no padding at all."""
+    prev = enabled(), getattr(_state, "tile", DENSE_TILE)
+    _state.on, _state.tile = on, dense_tile
     try:
         yield
     finally:
-        _state.on = prev
+        _state.on, _state.tile = prev
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, tile: int = DENSE_TILE) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """F.linear(x, weight), row-tiled with a fixed tile size when batch-invariant mode is on."""
     if not enabled():
         return F.linear(x, weight)
+    tile = tile or _state.tile
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m = x2.shape[0]

@@ -83,6 +83,7 @@ class Engine:
                              f"{text.max_position_embeddings}")
         dev, S, C = model.device, config.max_num_seqs, self.C
         self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev)
+        self.tile = min(max(C, 32), 256)  # fixed kernel tile of the batch-invariant mode (see batch_invariant.py)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)  # [slots, C] decoder input
         self.prev_argmax = torch.full((S, C), -1, dtype=torch.long, device=dev)  # [slots, C]
         self.stable_run = torch.zeros(S, dtype=torch.int32, device=dev)  # [slots]
@@ -163,7 +164,7 @@ class Engine:
             slots = torch.tensor([s.slot for s in dec], device=self.model.device)
             sc = self.sc[slots] if bool(self.has_sc[slots.cpu()].any()) else None
             segments.append(DecodeSegment(self.cache, self.canvas[slots], slots.cpu(), sc))
-        with batch_invariant.mode(self.cfg.batch_invariant):
+        with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
             hidden = self.model(segments)
             self.stats["forwards"] += 1
         events: list[StreamEvent] = []
@@ -177,7 +178,7 @@ class Engine:
                 if s.denoising:
                     self._start_canvas(s)
         if dec:
-            with batch_invariant.mode(self.cfg.batch_invariant):
+            with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
                 events += self._denoise(dec, hidden[-1])
         return events
 

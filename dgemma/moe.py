@@ -75,20 +75,31 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, m))  # [E, H, M]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; each token goes through its k experts; outputs are weighted and summed."""
-        out = torch.zeros_like(x)
+        """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
+
+        Tokens are grouped by expert (one matmul per expert hit). Each token's k contributions are then added in
+        ascending expert order, starting from zero, which is the reference's accumulation order, so the sum is
+        bit-identical to it, without a scatter-add.
+        """
+        n, k = idx.shape
+        idx, perm = idx.sort(dim=-1)  # per token: experts ascending
+        weights = weights.gather(-1, perm)
         flat = idx.flatten()
-        order = flat.argsort(stable=True)
+        order = flat.argsort(stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of = order // idx.shape[1]
-        w_sorted = weights.flatten()[order]
+        xs = x[order // k]
+        ws = weights.flatten()[order, None]
+        ys = []
         start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = token_of[start:start + n]
-            gate, up = linear(x[tok], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
-            y = linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE) * w_sorted[start:start + n, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            start += n
+        for e, c in enumerate(counts):
+            if c:
+                gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
+                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE) * ws[start:start + c])
+                start += c
+        y = torch.empty(n * k, x.shape[1], dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
+        y[order] = torch.cat(ys) if len(ys) > 1 else ys[0]
+        y = y.to(x.dtype).view(n, k, -1)
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out = out + y[:, j]
         return out

@@ -33,8 +33,9 @@ def ckpt(tmp_path_factory):
 def server(ckpt):
     cfg = ServerConfig(model=str(ckpt), served_model_names=("tiny", "tiny-alias"), api_key=KEY, max_num_seqs=4,
                        max_waiting=2, max_model_len=MAX_LEN, max_body_bytes=64 * 1024)
-    _, app = cli.build(cfg)
+    llm, app = cli.build(cfg)
     with cli.BackgroundServer(app) as srv:
+        srv.llm = llm
         yield srv
 
 
@@ -107,6 +108,44 @@ def test_sse_wire_format_and_drafts(server, client):
     text = "".join(c.choices[0].text for c in with_drafts if c.choices)
     plain = client.completions.create(model="tiny", prompt="To be", max_tokens=20, seed=3, extra_body=FAST)
     assert text == plain.choices[0].text == "".join(o["choices"][0]["text"] for o in objs if o["choices"])
+
+
+def test_stop_strings_match_offline(client, offline):
+    full = offline.generate("To be", sp(max_new_tokens=32, seed=9))[0].text
+    stop = full[5:7]
+    r = client.completions.create(model="tiny", prompt="To be", max_tokens=32, seed=9, stop=[stop], extra_body=FAST)
+    ref = offline.generate("To be", sp(max_new_tokens=32, seed=9, stop=(stop,)))[0]
+    assert r.choices[0].text == ref.text and stop not in ref.text
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_engine_failure_is_500_and_the_server_recovers(server, client):
+    engine, real_step = server.llm.engine, server.llm.engine.step
+
+    def failing_step():
+        engine.step = real_step  # fail once only
+        raise RuntimeError("injected fault")
+
+    engine.step = failing_step
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="tiny", prompt="To be", max_tokens=8, extra_body=FAST)
+        assert e.value.status_code == 500 and "injected fault" in e.value.message
+    finally:
+        engine.step = real_step
+    assert client.completions.create(model="tiny", prompt="To be", max_tokens=8, extra_body=FAST).choices
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_no_model_serves_the_embedded_default(ckpt, monkeypatch):
+    import dgemma.llm
+
+    monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt)
+    llm, app = cli.build(ServerConfig(max_model_len=64))
+    assert llm.checkpoint.path == ckpt and app.state.config.model_name == "dgemma-shakespeare"
+    monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt / "missing")
+    with pytest.raises(ValueError, match="default model is not installed"):
+        cli.build(ServerConfig())
 
 
 def test_default_max_tokens_is_room_left(client, offline):

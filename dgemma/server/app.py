@@ -36,7 +36,7 @@ from . import ServerConfig
 from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from .metrics import ServerMetrics
 from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
-                       RequestError, Response, StreamChoice, Usage, completion_prompt, error_body, sampling_params,
+                       RequestError, Response, StreamWriter, Usage, completion_prompt, error_body, sampling_params,
                        template_messages, unsupported)
 
 STATIC = Path(__file__).parent / "static"
@@ -170,20 +170,30 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     def extras(out) -> dict:
         return {"steps_per_canvas": out.steps_per_canvas, "tokens_per_forward": round(out.tokens_per_forward, 4)}
 
+    def usage(n_prompt: int, out) -> Usage:
+        n = len(out.token_ids)
+        return Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
+
+    def first_token(t0: float) -> None:
+        with metrics.lock:
+            metrics.ttft.observe(time.monotonic() - t0)
+
+    def ended(t0: float) -> None:
+        with metrics.lock:
+            metrics.latency.observe(time.monotonic() - t0)
+
     async def respond(request: Request, req, rid: str, q: asyncio.Queue, n_prompt: int, chat: bool, t0: float):
-        model_name, created = req.model or config.model_name, int(time.time())
-        usage = lambda out: Usage(prompt_tokens=n_prompt, completion_tokens=len(out.token_ids),  # noqa: E731
-                                  total_tokens=n_prompt + len(out.token_ids))
+        model_name = req.model or config.model_name
         if req.stream:
-            return StreamingResponse(sse(req, rid, q, n_prompt, chat, t0, model_name, created, usage),
+            return StreamingResponse(sse(req, rid, q, n_prompt, t0, StreamWriter(rid, model_name, chat)),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         out = await wait_final(request, rid, q, t0)
         if chat:
             choice = ChatChoice(message={"role": "assistant", "content": out.text}, finish_reason=out.finish_reason)
         else:
             choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
-        return Response(id=rid, object="chat.completion" if chat else "text_completion", created=created,
-                        model=model_name, choices=[choice], usage=usage(out), dgemma=extras(out)).model_dump()
+        return Response(id=rid, object="chat.completion" if chat else "text_completion", created=int(time.time()),
+                        model=model_name, choices=[choice], usage=usage(n_prompt, out), dgemma=extras(out)).model_dump()
 
     async def wait_final(request: Request, rid: str, q: asyncio.Queue, t0: float):
         gone = asyncio.ensure_future(wait_disconnect(request))
@@ -199,72 +209,49 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                 ev = get.result()
                 if ev.kind == "commit" and first and ev.token_ids_delta:
                     first = False
-                    with metrics.lock:
-                        metrics.ttft.observe(time.monotonic() - t0)
+                    first_token(t0)
                 elif ev.kind == "error":
                     raise RequestError(ev.text_delta, type="server_error", status=500)
                 elif ev.kind == "finished":
-                    with metrics.lock:
-                        metrics.latency.observe(time.monotonic() - t0)
+                    ended(t0)
                     return ev.output
         finally:
             gone.cancel()
 
-    async def sse(req, rid, q, n_prompt, chat, t0, model_name, created, usage):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None = None, finish: str | None = None, role: bool = False, **kw) -> bytes:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = StreamChoice(delta=delta, finish_reason=finish)
-            else:
-                choice = StreamChoice(text=text or "", finish_reason=finish)
-            r = Response(id=rid, object=obj, created=created, model=model_name, choices=[choice], **kw)
-            return b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
-
-        done, streamed, first, pending = False, [], True, 0
+    async def sse(req, rid: str, q: asyncio.Queue, n_prompt: int, t0: float, w: StreamWriter):
+        done, streamed, first, pending = False, "", True, 0
         try:
-            if chat:
-                yield chunk(role=True)
+            if w.chat:
+                yield w.role()
             while True:
                 ev = await q.get()
                 if ev.kind == "draft" and req.drafts:
                     d = ev.draft
-                    info = {"canvas": d.canvas_index, "step": d.step, "token_ids": d.argmax,
-                            "tokens": [piece(t) for t in d.argmax], "accepted": d.accepted,
-                            "mean_entropy": round(d.mean_entropy, 5)}
-                    r = Response(id=rid, object="dgemma.draft", created=created, model=model_name, choices=[],
-                                 dgemma=info)
-                    yield b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
+                    yield w.draft({"canvas": d.canvas_index, "step": d.step, "token_ids": d.argmax,
+                                   "tokens": [piece(t) for t in d.argmax], "accepted": d.accepted,
+                                   "mean_entropy": round(d.mean_entropy, 5)})
                 elif ev.kind == "commit":
                     if first and ev.token_ids_delta:
                         first = False
-                        with metrics.lock:
-                            metrics.ttft.observe(time.monotonic() - t0)
+                        first_token(t0)
                     pending += len(ev.token_ids_delta)
                     if ev.text_delta:  # drafts mode also says how many tokens the canvas added (for tokens/s)
-                        streamed.append(ev.text_delta)
-                        yield chunk(ev.text_delta, dgemma={"tokens": pending} if req.drafts else None)
+                        streamed += ev.text_delta
+                        yield w.text(ev.text_delta, {"tokens": pending} if req.drafts else None)
                         pending = 0
-                elif ev.kind == "finished":
+                elif ev.kind in ("finished", "error"):
+                    done = True
+                    if ev.kind == "error":
+                        yield w.error(ev.text_delta) + w.DONE
+                        return
                     out = ev.output
-                    tail = out.text[len("".join(streamed)):] if out.text.startswith("".join(streamed)) else ""
-                    if tail:  # held-back bytes the decoder flushed at the end
-                        yield chunk(tail)
-                    yield chunk(finish=out.finish_reason, dgemma=extras(out))
+                    if out.text.startswith(streamed) and len(out.text) > len(streamed):
+                        yield w.text(out.text[len(streamed):])  # bytes the decoder held back until the end
+                    yield w.finish(out.finish_reason, extras(out))
                     if req.stream_options is not None and req.stream_options.include_usage:
-                        r = Response(id=rid, object=obj, created=created, model=model_name, choices=[],
-                                     usage=usage(out))
-                        yield b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
-                    done = True
-                    with metrics.lock:
-                        metrics.latency.observe(time.monotonic() - t0)
-                    yield b"data: [DONE]\n\n"
-                    return
-                elif ev.kind == "error":
-                    done = True
-                    body = error_body(ev.text_delta, "server_error")
-                    yield b"data: " + JSONResponse(body).body + b"\n\n" + b"data: [DONE]\n\n"
+                        yield w.usage(usage(n_prompt, out))
+                    ended(t0)
+                    yield w.DONE
                     return
         finally:
             if not done:

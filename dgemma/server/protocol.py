@@ -15,6 +15,8 @@ of each canvas, so set `t_min`/`t_max` instead.
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -261,3 +263,46 @@ class ModelList(BaseModel):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class StreamWriter:
+    """The SSE bytes of one streamed request: OpenAI chunks, `dgemma.draft` chunks, the usage chunk, errors, [DONE].
+
+    Drafts and the usage chunk carry `"choices": []`, so OpenAI clients (which must skip the usage chunk anyway)
+    pass over drafts they did not ask to render."""
+
+    def __init__(self, request_id: str, model: str, chat: bool):
+        self.id, self.model, self.chat, self.created = request_id, model, chat, int(time.time())
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _sse(self, choices: list, object: str | None = None, **kw) -> bytes:
+        r = Response(id=self.id, object=object or self.object, created=self.created, model=self.model,
+                     choices=choices, **kw)
+        return b"data: " + r.model_dump_json(exclude_none=True).encode() + b"\n\n"
+
+    def _choice(self, text: str | None, finish: str | None = None, role: bool = False) -> StreamChoice:
+        if not self.chat:
+            return StreamChoice(text=text or "", finish_reason=finish)
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return StreamChoice(delta=delta, finish_reason=finish)
+
+    def role(self) -> bytes:
+        return self._sse([self._choice(None, role=True)])
+
+    def text(self, text: str, dgemma: dict | None = None) -> bytes:
+        return self._sse([self._choice(text)], dgemma=dgemma)
+
+    def finish(self, reason: str | None, dgemma: dict | None = None) -> bytes:
+        return self._sse([self._choice(None, finish=reason)], dgemma=dgemma)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._sse([], usage=usage)
+
+    def draft(self, info: dict) -> bytes:
+        return self._sse([], object="dgemma.draft", dgemma=info)
+
+    @staticmethod
+    def error(message: str) -> bytes:
+        return b"data: " + json.dumps(error_body(message, "server_error")).encode() + b"\n\n"
+
+    DONE = b"data: [DONE]\n\n"

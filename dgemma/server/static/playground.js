@@ -12,9 +12,10 @@ const state = window.dgemmaPlayground = {};
 let controller = null;
 
 function reset() {
-  Object.assign(state, { running: true, done: false, error: null, drafts: 0, acceptedCounts: [], text: "",
+  Object.assign(state, { running: true, done: false, error: null, drafts: 0, trace: [], text: "",
     tokens: 0, steps: 0, canvases: 0, finishReason: null, started: performance.now() });
   $("canvas").replaceChildren();
+  $("bars").replaceChildren();
   $("output").replaceChildren();
   $("history").textContent = "";
   $("error").textContent = "";
@@ -39,10 +40,11 @@ function knobValues() {
   return out;
 }
 
-// Make whitespace visible in a cell; the text is set with textContent, never as HTML.
+// Make whitespace and control characters visible in a cell (Unicode control pictures); the text is set with textContent, never as HTML.
 function visible(piece) {
   if (piece === "") return "\u2205";
-  return piece.replace(/ /g, "\u00b7").replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+  return piece.replace(/ /g, "\u00b7").replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192")
+    .replace(/[\x00-\x1f\x7f]/g, (c) => String.fromCharCode(c === "\x7f" ? 0x2421 : 0x2400 + c.charCodeAt(0)));
 }
 
 function renderDraft(d) {
@@ -59,9 +61,14 @@ function renderDraft(d) {
     cell.className = d.accepted[i] ? "cell accepted" : "cell";
     if (d.accepted[i]) accepted++;
   });
+  const bars = $("bars");  // accepted positions per step of this canvas: rising bars = the canvas filling in
+  if (d.step === 1) bars.replaceChildren();
+  const bar = Object.assign(document.createElement("div"), { className: "bar", title: `step ${d.step}: ${accepted}` });
+  bar.style.height = `${Math.max(4, (100 * accepted) / d.tokens.length)}%`;
+  bars.appendChild(bar);
   state.drafts++;
   state.steps++;
-  state.acceptedCounts.push(accepted);
+  state.trace.push([d.canvas, d.step, accepted]);  // [canvas, step, accepted positions]
   $("s_canvas").textContent = d.canvas + 1;
   $("s_step").textContent = d.step;
   $("s_accepted").textContent = `${accepted}/${d.tokens.length}`;

@@ -1,0 +1,9 @@
+"""Test-session settings: one torch thread (tiny models run faster without OpenMP hand-offs, and the suite behaves
+the same on a busy 2-core machine) and warnings from dgemma's own logger kept quiet."""
+
+import logging
+
+import torch
+
+torch.set_num_threads(1)
+logging.getLogger("dgemma").setLevel(logging.ERROR)
