@@ -41,12 +41,17 @@ def f(rope, d):
     return torch.cat([inv, torch.zeros(d // 2 - k)])
 r.inv_frequencies = m.inv_frequencies = f
 """),
-    "router_on_normed_input": ("router reads the pre-norm output instead of the raw residual", """
-import dgemma.moe as moe
-orig = moe.Router.forward
-def fwd(self, residual):
-    return orig(self, self.norm(residual) * 3.0)
-moe.Router.forward = fwd
+    "router_on_normed_input": ("router reads the experts' pre-norm output instead of the raw residual", """
+import dgemma.moe as moe, dgemma.model as m
+orig = moe.Experts.forward
+def experts(self, x, weights, idx):  # x is pre_feedforward_layernorm_2(h): route on it instead
+    return orig(self, x, *moe.Router.forward(self._router, x))
+moe.Experts.forward = experts
+init = m.Layer.__init__
+def layer_init(self, cfg, index):
+    init(self, cfg, index)
+    object.__setattr__(self.experts, "_router", self.router)
+m.Layer.__init__ = layer_init
 """),
     "router_no_renormalise": ("top-k router weights not renormalised to sum 1", """
 import torch, dgemma.moe as moe
@@ -90,11 +95,11 @@ def init(self, cfg, *a, **k):
 kc.KVCache.__init__ = init
 """),
     "attention_scale_rsqrt_d": ("attention scaled by 1/sqrt(d) instead of 1.0", """
-import torch.nn.functional as F, dgemma.model as m
-orig = F.scaled_dot_product_attention
-def sdpa(q, k, v, attn_mask=None, scale=None, **kw):
-    return orig(q, k, v, attn_mask=attn_mask, scale=q.shape[-1] ** -0.5, **kw)
-m.F.scaled_dot_product_attention = sdpa
+import dgemma.model as m, dgemma.kv_cache as kc
+orig = m.attention
+def attention(q, k, v, mask):
+    return orig(q * q.shape[-1] ** -0.5, k, v, mask)
+m.attention = kc.attention = attention
 """),
     "no_self_conditioning_post_norm": ("decoder input post-norm skipped on the first step", """
 import dgemma.model as m

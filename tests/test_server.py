@@ -182,7 +182,8 @@ BAD_REQUESTS = [  # (field overrides, param named in the error)
     ({"max_denoising_steps": 0}, "max_denoising_steps"),
     ({"bogus_knob": 1}, "bogus_knob"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"max_completion_tokens": MAX_LEN}, "max_tokens"),  # prompt + max_tokens > max_model_len
+    ({"max_completion_tokens": MAX_LEN}, "max_completion_tokens"),  # prompt + max_tokens > max_model_len
+    ({"max_tokens": MAX_LEN}, "max_tokens"),
 ]
 
 

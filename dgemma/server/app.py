@@ -135,14 +135,17 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
 
     def budget(n_prompt: int, req) -> int:
         """max_new_tokens for a request: what it asked for, or all the room left (never a silent 256 cap)."""
+        chat = isinstance(req, ChatCompletionRequest)
         if n_prompt >= max_len:
             raise RequestError(f"the prompt has {n_prompt} tokens but max_model_len is {max_len}: at least one "
-                               "token must be left for the output", param="prompt", code="context_length_exceeded")
+                               "token must be left for the output", param="messages" if chat else "prompt",
+                               code="context_length_exceeded")
         asked = req.requested_max_tokens
         if asked is not None and n_prompt + asked > max_len:
+            field = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
             raise RequestError(f"this model's maximum context length is {max_len} tokens, but {n_prompt + asked} "
                                f"were requested ({n_prompt} in the prompt, {asked} in the completion); reduce the "
-                               "prompt or max_tokens", param="max_tokens", code="context_length_exceeded")
+                               f"prompt or {field}", param=field, code="context_length_exceeded")
         return asked if asked is not None else max_len - n_prompt
 
     async def start(req, prompt_ids: list[int], prefix: str):

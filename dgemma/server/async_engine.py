@@ -135,7 +135,8 @@ class AsyncEngine:
                 return
             if eng.has_work():
                 self._step()
-            self._gauges()
+            else:
+                self._gauges()
 
     def _handle(self, cmd: tuple) -> bool:
         if cmd[0] == "stop":
@@ -205,6 +206,7 @@ class AsyncEngine:
         self._in_slots = set(running)
         for rid in admitted:
             self._submitted.pop(rid, None)
+        self._gauges()  # before the events go out: a client that saw its first event sees itself running
         if events:
             self._post(events)
 

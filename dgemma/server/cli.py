@@ -75,6 +75,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                     raise ValueError(f"--{k.replace('_', '-')} {shape[k]} contradicts --diffusion-config {k}={dc[k]}")
                 shape[k] = dc[k]
         defaults = {k: dc[k] for k in _DEFAULT_KEYS if k in dc}
+        bad = [k for k, v in defaults.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise ValueError(f"--diffusion-config: {bad} must be numbers")
     return ServerConfig(
         model=args.model, host=args.host, port=args.port, served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
