@@ -216,35 +216,59 @@ def export(argv: list[str]) -> int:
 # -- sampling statistics ---------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def continuation_nll(scorer, prompt_ids: list[int], out_ids: list[int]) -> float:
+    """Mean next-token NLL of `out_ids` after `prompt_ids` under `scorer`'s causal (encoder) pass."""
+    from dgemma.train.objective import EncoderSegment
+
+    x = torch.tensor([prompt_ids + out_ids])
+    (h,) = scorer([EncoderSegment(x, torch.tensor([x.shape[1]]), scorer.text)])
+    n = len(prompt_ids)
+    logits = scorer.logits(h[0, n - 1:-1]).float()
+    return float(F.cross_entropy(logits, x[0, n:]))
+
+
 def sample(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="eval_text_model sample")
     p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the embedded model)")
     p.add_argument("--prompt", action="append", default=[])
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--params", default="{}", help="SamplingParams overrides (JSON)")
+    p.add_argument("--params", action="append", default=[],
+                   help="SamplingParams overrides (JSON); repeat to compare settings (default: the checkpoint's)")
+    p.add_argument("--score-with", help="checkpoint whose encoder scores the samples (e.g. the AR baseline): "
+                                        "mean NLL per generated token, lower = more like the corpus")
+    p.add_argument("--quiet", action="store_true", help="statistics only, no sample texts")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from dgemma import LLM, SamplingParams
+    from dgemma import LLM, SamplingParams, checkpoint
 
     llm = LLM(args.model)
+    scorer = checkpoint.load(args.score_with, dtype=torch.float32).model.eval() if args.score_with else None
     prompts = args.prompt or ["ROMEO:", "To be, or not to be", "KING HENRY VI:\nWhat"]
-    stats = {"tokens": 0, "forwards": 0, "seconds": 0.0, "steps": []}
-    for prompt in prompts:
-        for seed in range(args.seeds):
-            t0 = time.perf_counter()
-            out = llm.generate(prompt, SamplingParams(seed=seed, **json.loads(args.params)))[0]
-            dt = time.perf_counter() - t0
-            stats["tokens"] += len(out.token_ids)
-            stats["forwards"] += out.decoder_forwards
-            stats["seconds"] += dt
-            stats["steps"] += list(out.steps_per_canvas)
-            print(f"--- {prompt!r} seed {seed}: {len(out.token_ids)} tokens, steps {out.steps_per_canvas}, "
-                  f"{out.tokens_per_forward:.2f} tokens/forward, {len(out.token_ids) / dt:.0f} tokens/s, "
-                  f"{out.finish_reason}\n{prompt}{out.text}")
-    s = stats
-    print(json.dumps({"tokens_per_forward": round(s["tokens"] / max(s["forwards"], 1), 2),
-                      "mean_steps_per_canvas": round(sum(s["steps"]) / max(len(s["steps"]), 1), 2),
-                      "tokens_per_second": round(s["tokens"] / s["seconds"], 1)}))
+    for overrides in args.params or ["{}"]:
+        s = {"tokens": 0, "forwards": 0, "seconds": 0.0, "steps": [], "nll": []}
+        for prompt in prompts:
+            for seed in range(args.seeds):
+                t0 = time.perf_counter()
+                out = llm.generate(prompt, SamplingParams(seed=seed, **json.loads(overrides)))[0]
+                dt = time.perf_counter() - t0
+                s["tokens"] += len(out.token_ids)
+                s["forwards"] += out.decoder_forwards
+                s["seconds"] += dt
+                s["steps"] += list(out.steps_per_canvas)
+                if scorer is not None and out.token_ids:
+                    s["nll"].append(continuation_nll(scorer, list(out.prompt_token_ids), list(out.token_ids)))
+                if not args.quiet:
+                    print(f"--- {prompt!r} seed {seed}: {len(out.token_ids)} tokens, steps {out.steps_per_canvas}, "
+                          f"{out.tokens_per_forward:.2f} tokens/forward, {len(out.token_ids) / dt:.0f} tokens/s, "
+                          f"{out.finish_reason}\n{prompt}{out.text}")
+        stats = {"params": json.loads(overrides),
+                 "tokens_per_forward": round(s["tokens"] / max(s["forwards"], 1), 2),
+                 "mean_steps_per_canvas": round(sum(s["steps"]) / max(len(s["steps"]), 1), 2),
+                 "tokens_per_second": round(s["tokens"] / s["seconds"], 1)}
+        if s["nll"]:
+            stats["scored_nll"] = round(sum(s["nll"]) / len(s["nll"]), 3)
+        print(json.dumps(stats), flush=True)
     return 0
 
 

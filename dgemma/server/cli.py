@@ -34,8 +34,14 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kw) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dgemma serve", description="OpenAI-compatible server for block-diffusion "
-                                "models (endpoints /v1/completions, /v1/chat/completions, /v1/models, /metrics, /).")
+    p = argparse.ArgumentParser(
+        prog="dgemma serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="OpenAI-compatible server for block-diffusion models (endpoints /v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics; the playground at /).",
+        epilog="Per-request extras (extra body fields): max_denoising_steps, entropy_bound, t_min, t_max,\n"
+               "stability_threshold, confidence_threshold, ignore_eos, stop_token_ids, and\n"
+               '"dgemma": {"drafts": true} to stream every denoising step as "dgemma.draft" chunks.\n'
+               "`temperature` is accepted but has no effect: the schedule anneals t_max -> t_min per canvas.")
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: the embedded model)")
     _flag(p, "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
     _flag(p, "--port", type=int, default=8000)
