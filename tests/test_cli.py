@@ -1,0 +1,91 @@
+"""The `dgemma` command: help, generate, and one-line errors for the usual mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import make_tiny_checkpoint
+
+from dgemma import checkpoint
+from dgemma.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("cli"), canvas_length=16)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dgemma.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_no_arguments_prints_help():
+    r = run_cli()
+    assert r.returncode == 0 and "usage: dgemma" in r.stdout and "generate" in r.stdout
+
+
+def test_generate_json(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "To be", "--max_new_tokens", "20", "--seed", "3",
+                 "--max-denoising-steps", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["completion_tokens"] <= 20 and out["finish_reason"] in ("stop", "length")
+    assert out["decoder_forwards"] == sum(out["steps_per_canvas"]) and max(out["steps_per_canvas"]) <= 4
+
+
+def test_generate_trace_gif(ckpt, tmp_path, capsys):
+    gif = tmp_path / "t.gif"
+    assert main(["generate", "--model", str(ckpt), "To be", "--max-new-tokens", "16", "--seed", "1",
+                 "--max-denoising-steps", "3", "--ignore-eos", "--trace-out", str(gif)]) == 0
+    from PIL import Image
+
+    img = Image.open(gif)
+    assert img.n_frames >= 2 and img.size[0] > 100
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "foreign", "hub_offline"])
+def test_friendly_errors(case, ckpt, tmp_path):
+    env = {}
+    if case == "missing":
+        model, expect = str(tmp_path / "nope"), "no such folder"
+    elif case == "corrupt":
+        model = tmp_path / "c"
+        checkpoint.save(checkpoint.load(ckpt).model, model)
+        f = model / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+        model, expect = str(model), "model.safetensors"
+    elif case == "foreign":
+        model = tmp_path / "f"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+        model, expect = str(model), "model_type' must be 'diffusion_gemma'"
+    else:
+        model, expect = "google/diffusiongemma-26B-A4B-it", "cannot fetch from the Hugging Face Hub"
+        env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = run_cli("generate", "--model", model, "hello", env=env)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dgemma: error:") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_hub_id_resolves_from_local_cache_offline(ckpt, tmp_path, monkeypatch):
+    """The Hub code path is real: a snapshot in the local HF cache resolves with HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-dg" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--acme--tiny-dg" / "refs").mkdir()
+    (cache / "models--acme--tiny-dg" / "refs" / "main").write_text(snap.name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    path = checkpoint.resolve("acme/tiny-dg")
+    assert path.resolve() == snap.resolve()
+    assert checkpoint.load(path).config.canvas_length == 16
