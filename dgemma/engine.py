@@ -35,6 +35,7 @@ class EngineConfig:
     prefill_chunk: int = 2048  # prompt tokens encoded per request per step
     logits_budget_bytes: int = 512 * 2**20  # fp32 [rows, canvas, vocab] slab sampled at once
     batch_invariant: bool = True  # a request's tokens never depend on its batch mates (see batch_invariant.py)
+    keep_traces: bool = True  # False: "draft" events are emitted but not kept in RequestOutput.trace (servers)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes"):
@@ -144,10 +145,10 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[StreamEvent]:
-        self._admit()
+        events = [StreamEvent(s.id, "admitted") for s in self._admit()]
         running = [s for s in self.slots if s is not None]
         if not running:
-            return []
+            return events
         enc = [s for s in running if not s.denoising]
         dec = [s for s in running if s.denoising]
         segments = []
@@ -167,7 +168,6 @@ class Engine:
         with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
             hidden = self.model(segments)
             self.stats["forwards"] += 1
-        events: list[StreamEvent] = []
         if enc:
             enc_seg.finish()
             for s, c in zip(enc, chunks):
@@ -182,12 +182,15 @@ class Engine:
                 events += self._denoise(dec, hidden[-1])
         return events
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Sequence]:
+        admitted = []
         while self.waiting and None in self.slots:
             seq = self.waiting.popleft()
             seq.slot = self.slots.index(None)
             self.cache.reset(seq.slot)
             self.slots[seq.slot] = seq
+            admitted.append(seq)
+        return admitted
 
     def _start_canvas(self, s: Sequence) -> None:
         slot = s.slot
@@ -228,7 +231,8 @@ class Engine:
                 if s.params.trace:
                     t = StepTrace(len(s.out.canvases), s.canvas_steps, res.argmax[i].tolist(),
                                   res.accepted[i].tolist(), float(res.mean_entropy[i]))
-                    s.out.trace.append(t)
+                    if self.cfg.keep_traces:
+                        s.out.trace.append(t)
                     events.append(StreamEvent(s.id, "draft", draft=t))
                 if done[i]:
                     events += self._commit(s, res.argmax[i].tolist())

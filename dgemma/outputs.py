@@ -47,6 +47,7 @@ class RequestOutput:
 class StreamEvent:
     """Emitted by the engine as a request progresses.
 
+    kind "admitted": the request left the queue and got a slot (it runs from the next forward on).
     kind "draft": one denoising step (argmax canvas + accepted mask; only for requests that asked for drafts).
     kind "commit": a canvas was committed; `text_delta` / `token_ids_delta` are the new output.
     kind "finished": the request ended (`output` holds the final result).

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dgemma.server import ServerConfig, cli
-from tests.helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
 CHROMIUM = os.environ.get("DGEMMA_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -17,7 +17,7 @@ from dgemma.sampling_params import SamplingParams
 from dgemma.server import ServerConfig
 from dgemma.server import cli, memory
 from dgemma.server.metrics import parse_text
-from tests.helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
 KEY = "sk-test"
 MAX_LEN = 128

@@ -20,7 +20,7 @@ from dgemma.llm import LLM
 from dgemma.sampling_params import SamplingParams
 from dgemma.server import ServerConfig, cli
 from dgemma.server.metrics import parse_text
-from tests.helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
 N_REQUESTS = 32
 SLOTS = 8

@@ -44,7 +44,6 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         # engine thread only: submission times (queue-wait metric) and which requests held a slot last step
         self._submitted: dict[str, tuple[float, int]] = {}
-        self._in_slots: set[str] = set()
         self._stats = dict(engine.stats)
 
     # -- lifecycle (asyncio side) ------------------------------------------------------------------------------
@@ -172,12 +171,9 @@ class AsyncEngine:
             return
         dt = time.perf_counter() - t0
         now = time.monotonic()
-        running = {s.id: s for s in eng.slots if s is not None}
-        for s in running.values():
-            if s.params.trace:
-                s.out.trace.clear()  # drafts were streamed; keeping every step's canvas would grow without bound
-        admitted = [rid for rid in running if rid not in self._in_slots and rid in self._submitted]
+        admitted = [ev.request_id for ev in events if ev.kind == "admitted" and ev.request_id in self._submitted]
         finished = [ev for ev in events if ev.kind == "finished"]
+        events = [ev for ev in events if ev.kind != "admitted"]
         stats, old = eng.stats, self._stats
         m = self.metrics
         with m.lock:
@@ -187,10 +183,6 @@ class AsyncEngine:
                 m.queue_wait.observe(max(0.0, now - t_sub - dt))
                 m.prompt_tokens.inc(n_prompt)
             for ev in finished:
-                sub = self._submitted.pop(ev.request_id, None)
-                if sub is not None and ev.request_id not in self._in_slots:  # admitted and finished in this step
-                    m.queue_wait.observe(max(0.0, now - sub[0] - dt))
-                    m.prompt_tokens.inc(sub[1])
                 m.finished.inc(finish_reason=ev.output.finish_reason or "stop")
                 for c in ev.output.canvases:
                     m.steps_per_canvas.observe(c.steps)
@@ -203,7 +195,6 @@ class AsyncEngine:
             if stats["decoder_forwards"]:
                 m.tokens_per_decoder_forward.set(stats["tokens"] / stats["decoder_forwards"])
         self._stats = dict(stats)
-        self._in_slots = set(running)
         for rid in admitted:
             self._submitted.pop(rid, None)
         self._gauges()  # before the events go out: a client that saw its first event sees itself running

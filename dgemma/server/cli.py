@@ -110,6 +110,8 @@ def build(config: ServerConfig):
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
               max_denoising_steps=config.max_denoising_steps)
+    # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
+    llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)
     if config.diffusion_defaults:
         # Server-wide denoising defaults: every request field left out falls back to these (then the checkpoint's).
         llm.engine.defaults = replace(llm.engine.defaults, **dict(config.diffusion_defaults))
