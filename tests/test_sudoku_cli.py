@@ -87,7 +87,7 @@ def test_solve_reports_a_solved_board(tiny, capsys, monkeypatch, data):
 
 @pytest.mark.parametrize("puzzle, message", [
     (P1[:-1], "malformed puzzle: expected 81 cells, got 80"),
-    ("x" + P1[1:], "malformed puzzle: invalid characters ['x']"),
+    ("x" + P1[1:], "malformed puzzle: invalid characters ['x']; use digits 1-9 and '.' or '0' for blanks"),
     ("66" + P1[2:], "contradictory puzzle (puzzle): digit 6 appears twice in row 1"),
     ("6" + P1[1:9] + "6" + P1[10:], "contradictory puzzle (puzzle): digit 6 appears twice in column 1"),
     ("023456789" + "0" * 36 + "1" + "0" * 35, "contradictory puzzle (puzzle): the givens admit no solution"),

@@ -415,8 +415,21 @@ COMMANDS = {
 }
 
 
+def _join_negative_rows(argv: list[str]) -> list[str]:
+    """`--rows -1000:` would read as a flag to argparse: glue it into `--rows=-1000:`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--rows" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--rows={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_rows(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = "usage: dgemma sudoku {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
             f"  {k:<7}{v[1]}" for k, v in COMMANDS.items())
