@@ -238,7 +238,15 @@ def sample(argv: list[str]) -> int:
     p.add_argument("--score-with", help="checkpoint whose encoder scores the samples (e.g. the AR baseline): "
                                         "mean NLL per generated token, lower = more like the corpus")
     p.add_argument("--quiet", action="store_true", help="statistics only, no sample texts")
+    p.add_argument("--corpus", default="data/tinyshakespeare.txt",
+                   help="for `real_words`: the fraction of generated words that occur in this text")
     args = p.parse_args(argv)
+    import re
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
+
+    known = set(words(Path(args.corpus).read_text(encoding="utf-8"))) if Path(args.corpus).is_file() else None
     torch.set_num_threads(1)
     from dgemma import LLM, SamplingParams, checkpoint
 
@@ -246,7 +254,7 @@ def sample(argv: list[str]) -> int:
     scorer = checkpoint.load(args.score_with, dtype=torch.float32).model.eval() if args.score_with else None
     prompts = args.prompt or ["ROMEO:", "To be, or not to be", "KING HENRY VI:\nWhat"]
     for overrides in args.params or ["{}"]:
-        s = {"tokens": 0, "forwards": 0, "seconds": 0.0, "steps": [], "nll": []}
+        s = {"tokens": 0, "forwards": 0, "seconds": 0.0, "steps": [], "nll": [], "words": 0, "real": 0}
         for prompt in prompts:
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
@@ -256,6 +264,10 @@ def sample(argv: list[str]) -> int:
                 s["forwards"] += out.decoder_forwards
                 s["seconds"] += dt
                 s["steps"] += list(out.steps_per_canvas)
+                if known is not None:
+                    ws = words(out.text)
+                    s["words"] += len(ws)
+                    s["real"] += sum(w in known for w in ws)
                 if scorer is not None and out.token_ids:
                     s["nll"].append(continuation_nll(scorer, list(out.prompt_token_ids), list(out.token_ids)))
                 if not args.quiet:
@@ -266,6 +278,8 @@ def sample(argv: list[str]) -> int:
                  "tokens_per_forward": round(s["tokens"] / max(s["forwards"], 1), 2),
                  "mean_steps_per_canvas": round(sum(s["steps"]) / max(len(s["steps"]), 1), 2),
                  "tokens_per_second": round(s["tokens"] / s["seconds"], 1)}
+        if s["words"]:
+            stats["real_words"] = round(s["real"] / s["words"], 3)
         if s["nll"]:
             stats["scored_nll"] = round(sum(s["nll"]) / len(s["nll"]), 3)
         print(json.dumps(stats), flush=True)
