@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import replace
 
+from ..cli import Parser
 from . import ServerConfig
 
 log = logging.getLogger("dgemma.server")
@@ -27,14 +28,8 @@ _SHAPE_KEYS = ("canvas_length", "max_denoising_steps")
 _DEFAULT_KEYS = ("entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kw) -> None:
-    """Adds `--multi-word` and its `--multi_word` spelling."""
-    names = [name] + ([name.replace("-", "_").replace("__", "--", 1)] if "-" in name[2:] else [])
-    parser.add_argument(*names, **kw)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dgemma serve", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="OpenAI-compatible server for block-diffusion models (endpoints /v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /metrics; the playground at /).",
@@ -43,22 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
                '"dgemma": {"drafts": true} to stream every denoising step as "dgemma.draft" chunks.\n'
                "`temperature` is accepted but has no effect: the schedule anneals t_max -> t_min per canvas.")
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: the embedded model)")
-    _flag(p, "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    _flag(p, "--port", type=int, default=8000)
-    _flag(p, "--max-model-len", type=int, default=None, help="prompt + output tokens per request")
-    _flag(p, "--canvas-length", type=int, default=None, help="tokens denoised in parallel per canvas")
-    _flag(p, "--max-denoising-steps", type=int, default=None, help="default cap of steps per canvas")
-    _flag(p, "--diffusion-config", default=None, help='JSON, e.g. \'{"canvas_length": 256, '
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    p.add_argument("--canvas-length", type=int, default=None, help="tokens denoised in parallel per canvas")
+    p.add_argument("--max-denoising-steps", type=int, default=None, help="default cap of steps per canvas")
+    p.add_argument("--diffusion-config", default=None, help='JSON, e.g. \'{"canvas_length": 256, '
           '"max_denoising_steps": 48, "entropy_bound": 0.1}\'')
-    _flag(p, "--max-num-seqs", type=int, default=8, help="requests denoised concurrently (KV cache slots)")
-    _flag(p, "--max-waiting", type=int, default=64, help="bound of the waiting queue (beyond: 503 + Retry-After)")
-    _flag(p, "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    _flag(p, "--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model'")
-    _flag(p, "--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
-    _flag(p, "--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    _flag(p, "--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
-    _flag(p, "--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
-    _flag(p, "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised concurrently (KV cache slots)")
+    p.add_argument("--max-waiting", type=int, default=64, help="bound of the waiting queue (beyond: 503 + Retry-After)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model'")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
 

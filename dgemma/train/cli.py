@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import Parser
 from .. import checkpoint
 from ..config import ModelConfig
 from ..model import DiffusionGemma
@@ -26,46 +27,41 @@ from .lora import LoRAConfig
 from .trainer import TrainConfig, Trainer, setup_distributed
 
 
-def _add(p: argparse.ArgumentParser, flag: str, **kw) -> None:
-    names = [flag] + ([flag.replace("-", "_").replace("__", "--", 1)] if "-" in flag[2:] else [])
-    p.add_argument(*names, **kw)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dgemma train", description=__doc__.split("\n")[0],
+    p = Parser(prog="dgemma train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    _add(src, "--config", help="model config (config.json path or inline JSON) to train from scratch")
-    _add(src, "--init-from", help="checkpoint folder (or hub id) to fine-tune")
-    _add(p, "--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
-    _add(p, "--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    _add(p, "--data", required=True, help=f"example source NAME:ARG (known: {', '.join(sorted(SOURCES))})")
-    _add(p, "--data-arg", action="append", default=[], metavar="KEY=VALUE",
+    src.add_argument("--config", help="model config (config.json path or inline JSON) to train from scratch")
+    src.add_argument("--init-from", help="checkpoint folder (or hub id) to fine-tune")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--data", required=True, help=f"example source NAME:ARG (known: {', '.join(sorted(SOURCES))})")
+    p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
          help="option for the source (JSON value), e.g. window=256; repeatable")
-    _add(p, "--tokenizer", help="tokenizer folder (tokenizer.json) for text sources")
-    _add(p, "--out", required=True, help="run folder")
-    _add(p, "--steps", type=int, required=True)
-    _add(p, "--batch-size", type=int, default=8, help="examples per rank per micro-batch")
-    _add(p, "--grad-accum", type=int, default=1)
-    _add(p, "--lr", type=float, default=1.5e-4)
-    _add(p, "--min-lr-ratio", type=float, default=0.0)
-    _add(p, "--warmup", type=int, default=0)
-    _add(p, "--weight-decay", type=float, default=1e-4)
-    _add(p, "--grad-clip", type=float, default=1.0)
-    _add(p, "--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    _add(p, "--log-every", type=int, default=1)
-    _add(p, "--seed", type=int, default=0)
-    _add(p, "--canvas-length", type=int, default=None, help="override the model config's canvas_length")
-    _add(p, "--self-cond-prob", type=float, default=0.5)
-    _add(p, "--no-eos-canvas", action="store_true",
+    p.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json) for text sources")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas-length", type=int, default=None, help="override the model config's canvas_length")
+    p.add_argument("--self-cond-prob", type=float, default=0.5)
+    p.add_argument("--no-eos-canvas", action="store_true",
          help="do not force an EOS after a response that fills its canvases exactly (fixed-length tasks)")
-    _add(p, "--freeze-router", action="store_true")
+    p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue from the run folder's latest checkpoint (the default)")
-    _add(p, "--no-resume", dest="resume", action="store_false")
-    _add(p, "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
-    _add(p, "--export-dtype", default="auto", help="dtype of final/: auto (as trained), bfloat16, float32")
-    _add(p, "--no-progress", action="store_true")
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--export-dtype", default="auto", help="dtype of final/: auto (as trained), bfloat16, float32")
+    p.add_argument("--no-progress", action="store_true")
     return p
 
 
