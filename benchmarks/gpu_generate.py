@@ -35,18 +35,21 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--batch-invariant", action="store_true", help="measure with the batch-invariant mode on")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run of the script)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_generate.json"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_generate.py needs a CUDA GPU")
-    name = torch.cuda.get_device_name()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_generate.py needs a CUDA GPU (or --device cpu for a smoke run)")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
 
-    text = release_26b_a4b_text(num_hidden_layers=args.layers, num_experts=args.experts)
+    text = release_26b_a4b_text(num_hidden_layers=args.layers, num_experts=args.experts,
+                                top_k_experts=min(8, args.experts))
     cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": text,
                                  "eos_token_id": [1, 106, 50]})
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(args.device):
         model = DiffusionGemma(cfg).to(torch.bfloat16)
     model.init_weights()
     model.eval()
@@ -66,11 +69,11 @@ def main() -> None:
                             confidence_threshold=0.0, seed=0, ignore_eos=True)
     engine.run([(prompt, SamplingParams(max_new_tokens=256, max_denoising_steps=2, confidence_threshold=0.0,
                                         seed=1, ignore_eos=True))])  # warm-up
-    torch.cuda.synchronize()
+    sync()
     Experts.forward = counting
     t = time.perf_counter()
     out = engine.run([(prompt, params)])[0]
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - t
     Experts.forward = orig
 
