@@ -22,9 +22,11 @@ will thy what her him all shall by no do we our are if on or o lord good now sir
 more was they here than must which their them there how would she am when upon at an one come make love yet""".split())
 
 
+HELDOUT_NLL_MAX = 5.0
+
+
 @pytest.fixture(scope="module")
 def llm():
-    torch.manual_seed(0)
     return LLM()  # no argument: the embedded model
 
 
@@ -59,8 +61,7 @@ def test_transformers_loads_the_same_weights_and_logits():
     for name, t in model.state_dict().items():
         if "inv_freq" in name:
             continue
-        if any(k in name for k in ("embed", "layers.0.", "layers.5.", "experts", "self_conditioning", "scalar")):
-            assert torch.equal(hf_sd[checkpoint.to_checkpoint_name(name)], t), name
+        assert torch.equal(hf_sd[checkpoint.to_checkpoint_name(name)], t), name
 
     from dgemma.tokenizer import Tokenizer
 
@@ -82,23 +83,45 @@ def test_transformers_loads_the_same_weights_and_logits():
     assert (mine.argmax(-1) == canvas).float().mean().item() >= 0.5
 
 
+@torch.no_grad()
+def test_heldout_next_token_loss_is_that_of_a_trained_model(llm):
+    """The encoder's next-token NLL on the held-out end of the corpus (the recipe never trained on it): a trained
+    model, far below the uniform ln(2048) = 7.6 nats of an untrained one (docs/shakespeare_model.md)."""
+    from dgemma.train.objective import EncoderSegment
+
+    lines = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    heldout = "".join(lines[int(len(lines) * 0.95):])  # inside the recipe's held-out 10%
+    ids = llm.tokenizer.encode(heldout, add_special_tokens=False)
+    x = torch.tensor([[llm.tokenizer.bos_token_id] + ids[i:i + 135] for i in range(0, 16 * 135, 135)])
+    model = llm.model
+    (h,) = model([EncoderSegment(x, torch.full((x.shape[0],), x.shape[1]), model.text)])
+    nll = torch.nn.functional.cross_entropy(model.logits(h[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+    assert nll.item() <= HELDOUT_NLL_MAX, nll.item()
+
+
 def test_default_generation_is_english_like_shakespeare(llm):
-    corpus_words = set(_words((ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")))
+    """Real outcomes at the shipped defaults. Thresholds sit between this model (real words ~0.72, corpus bigrams
+    ~0.2-0.35, common words ~0.4, ~6 tokens per forward) and the same architecture with random weights (real words
+    ~0.4, bigrams <= 0.02, common words <= 0.09, 2 tokens per forward: every canvas runs to the step cap)."""
+    corpus = _words((ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
+    known, bigrams = set(corpus), set(zip(corpus, corpus[1:]))
     gen = llm.generation
-    for prompt, seed in (("ROMEO:", 0), ("To be, or not to be", 1)):
+    for prompt, seed in (("ROMEO:", 0), ("To be, or not to be", 1), ("KING HENRY VI:\nWhat", 2)):
         out = llm.generate(prompt, SamplingParams(seed=seed))[0]
         text = out.text
-        assert len(out.token_ids) >= llm.config.canvas_length, (prompt, text)  # at least one whole canvas
+        assert len(out.token_ids) == gen.max_new_tokens >= 2 * llm.config.canvas_length, (prompt, text)
         assert len(text) >= 150, text
         assert sum(ch.isprintable() or ch == "\n" for ch in text) / len(text) >= 0.99, text
-        assert sum(ch.isalpha() or ch in " \n" for ch in text) / len(text) >= 0.85, text
         words = _words(text)
-        assert len(words) >= 25, text
-        assert sum(w in corpus_words for w in words) / len(words) >= 0.85, text  # real words, not BPE soup
-        assert sum(w in COMMON for w in words) / len(words) >= 0.2, text  # function words: English-like
+        assert len(words) >= 30, text
+        assert sum(w in known for w in words) / len(words) >= 0.6, text  # mostly real words
+        pairs = list(zip(words, words[1:]))
+        assert sum(p in bigrams for p in pairs) / len(pairs) >= 0.1, text  # that follow each other as in the plays
+        assert sum(w in COMMON for w in words) / len(words) >= 0.25, text  # English function words
+        assert re.search(r"^[A-Z][A-Za-z ]+:$", prompt + text, re.M), text  # the play format: "SPEAKER:" lines
         # Block diffusion at the shipped defaults: several tokens per decoder forward, within the step cap.
-        assert out.tokens_per_forward >= 2.0, out.steps_per_canvas
-        assert all(1 <= s <= gen.max_denoising_steps for s in out.steps_per_canvas)
+        assert out.tokens_per_forward >= 3.0, out.steps_per_canvas
+        assert all(1 <= s < gen.max_denoising_steps for s in out.steps_per_canvas), out.steps_per_canvas
 
 
 def test_cli_generate_uses_the_default_model(capsys):

@@ -285,7 +285,18 @@ def format_report(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, label="solve"):
+def _add_sampler_flags(p: Parser) -> None:
+    g = p.add_argument_group("sampler overrides (default: the model's generation_config.json)")
+    g.add_argument("--entropy-bound", type=float)
+    g.add_argument("--t-min", type=float)
+    g.add_argument("--t-max", type=float)
+
+
+def _sampler(args) -> dict:
+    return {k: getattr(args, k) for k in ("entropy_bound", "t_min", "t_max") if getattr(args, k) is not None}
+
+
+def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, label="solve", sampler=None):
     """Solve and score; returns the evaluate() dict plus timing."""
     from .metrics import evaluate
     from .model import Solver
@@ -294,12 +305,16 @@ def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, 
     t0 = time.perf_counter()
     with _progress(len(puzzles), label, progress) as bar:
         task = bar.add_task(label, total=len(puzzles))
-        res = solver.solve(puzzles, steps, seed=seed, progress=lambda k: bar.advance(task, k))
+        res = solver.solve(puzzles, steps, seed=seed, progress=lambda k: bar.advance(task, k), **(sampler or {}))
     secs = time.perf_counter() - t0
     report = evaluate(puzzles, res.boards, solutions, steps=res.steps)
-    cap = steps or solver.generation.max_denoising_steps
+    g = solver.generation
+    cap = steps or g.max_denoising_steps
     report.update(max_denoising_steps=cap, forwards_per_puzzle=res.forwards, seconds=round(secs, 2),
-                  puzzles_per_second=round(len(puzzles) / secs, 2))
+                  puzzles_per_second=round(len(puzzles) / secs, 2),
+                  sampler={"entropy_bound": g.entropy_bound, "t_min": g.t_min, "t_max": g.t_max,
+                           "stability_threshold": g.stability_threshold,
+                           "confidence_threshold": g.confidence_threshold, **(sampler or {})})
     return report
 
 
@@ -314,11 +329,12 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
+    _add_sampler_flags(p)
     args = p.parse_args(argv)
     puzzles, solutions = _load_eval(args.file, args.rows)
     _threads(args.threads)
     report = run_diffusion(puzzles, solutions, args.model, args.max_denoising_steps, args.batch_size, args.seed,
-                           not args.no_progress)
+                           not args.no_progress, sampler=_sampler(args))
     report.update(file=str(args.file), rows=args.rows, model=str(args.model or "dgemma/assets/sudoku"),
                   labelled=solutions is not None)
     print(format_report(report, f"{args.file} (rows {args.rows or ':'}, {len(puzzles)} puzzles): max "
@@ -393,6 +409,7 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--plot", metavar="PNG", help="accuracy vs max denoising steps, AR as a line (needs matplotlib)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
+    _add_sampler_flags(p)
     args = p.parse_args(argv)
     from .model import default_ar_model_path
 
@@ -406,7 +423,7 @@ def bench_main(argv: list[str]) -> int:
         raise InputError(f"{ar_path}: no AR baseline model (train one with `dgemma sudoku train --ar`)")
     _threads(args.threads)
     sweep = [run_diffusion(puzzles, solutions, args.model, c, args.batch_size, args.seed, not args.no_progress,
-                           label=f"diffusion {c or ''}".strip()) for c in caps]
+                           label=f"diffusion {c or ''}".strip(), sampler=_sampler(args)) for c in caps]
     ar = run_ar(puzzles, solutions, ar_path, args.batch_size, not args.no_progress)
     head = f"{'method':<24}{'exact':>9}{'cells':>9}{'givens':>9}{'forwards':>10}{'puzzles/s':>11}"
     lines = [f"{args.file} (rows {args.rows or ':'}, {len(puzzles)} puzzles)", head, "-" * len(head)]
@@ -429,6 +446,32 @@ def bench_main(argv: list[str]) -> int:
     return 0
 
 
+# MARK: generate
+
+
+def generate_main(argv: list[str]) -> int:
+    p = Parser(prog="dgemma sudoku generate",
+               description="Write fresh puzzles with unique solutions (puzzle,solution CSV): validation data for "
+                           "tuning, disjoint from any evaluation file.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--givens", default="30:42", help="givens range LO:HI, uniform (17-20 are very slow)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    from .board import format_board, generate_puzzle
+
+    lo, _, hi = args.givens.partition(":")
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for _ in range(args.n):
+        puzzle, solution = generate_puzzle(int(rng.integers(int(lo), int(hi or lo) + 1)), rng)
+        rows.append(f"{format_board(puzzle)},{format_board(solution)}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(rows))
+    print(f"{args.out}: {args.n} puzzles, givens {lo}-{hi or lo}, seed {args.seed}")
+    return 0
+
+
 # MARK: entry point
 
 COMMANDS = {
@@ -436,6 +479,7 @@ COMMANDS = {
     "eval": (eval_main, "score the solver on a CSV or .txt puzzle file"),
     "train": (train_main, "train the solver or its AR baseline"),
     "bench": (bench_main, "block diffusion vs the autoregressive baseline"),
+    "generate": (generate_main, "write fresh unique puzzles (validation data)"),
 }
 
 

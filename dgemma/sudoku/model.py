@@ -77,12 +77,13 @@ class Solver:
                                 batch_invariant=batch_invariant))
 
     def solve(self, puzzles: Sequence[np.ndarray] | np.ndarray, max_denoising_steps: int | None = None,
-              seed: int = 0, progress: Progress | None = None) -> SolveResult:
-        """Denoise one canvas per puzzle; request i is seeded with `seed + i`."""
+              seed: int = 0, progress: Progress | None = None, **sampler) -> SolveResult:
+        """Denoise one canvas per puzzle; request i is seeded with `seed + i`. `sampler`: SamplingParams fields
+        overriding the checkpoint's (entropy_bound, t_min, t_max, ...)."""
         ids = []
         for i, p in enumerate(puzzles):
             params = SamplingParams(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=max_denoising_steps,
-                                    seed=seed + i, ignore_eos=True)
+                                    seed=seed + i, ignore_eos=True, **sampler)
             ids.append(self.engine.add_request(encode_prompt(p), params))
         done = {}
         while self.engine.has_work():
