@@ -9,14 +9,18 @@
     python -m scripts.eval_text_model eval runs/shakespeare/diffusion/final runs/shakespeare/ar/final \
         --heldout runs/shakespeare/heldout.txt --tokenizer runs/shakespeare/tokenizer
     # the shipped asset: weights + config from a run, the tokenizer files, the tuned generation_config.json
-    python -m scripts.eval_text_model export runs/shakespeare/diffusion/final --tokenizer runs/shakespeare/tokenizer \
-        --out dgemma/assets/shakespeare --dtype bfloat16
+    python -m scripts.eval_text_model export runs/shakespeare/diffusion_cont/final \
+        --tokenizer runs/shakespeare/tokenizer --out dgemma/assets/shakespeare --dtype float32
     # generation statistics at the checkpoint's defaults (tokens/forward, steps/canvas, tokens/s)
-    python -m scripts.eval_text_model sample dgemma/assets/shakespeare --prompt "ROMEO:" --prompt "To be, or not"
+    python -m scripts.eval_text_model sample dgemma/assets/shakespeare --seeds 3 --score-with runs/shakespeare/ar/final
+    # comparing sampler settings: one line of statistics per --params
+    python -m scripts.eval_text_model sample runs/shakespeare/diffusion/final --quiet \
+        --score-with runs/shakespeare/ar/final --params '{"entropy_bound": 2.0}' \
+        --params '{"entropy_bound": 20.0, "t_min": 0.1, "t_max": 0.5}'
 
 `train-ar` drives dgemma's own `Trainer` (dgemma/train/trainer.py) exactly as `dgemma train` does, with
 `TrainConfig(decoder_loss_weight=0, self_cond_prob=0)`. The decoder's loss then has weight 0 and contributes no
-gradient, so its forward is skipped (`encoder_only_loss_parts`): same encoder-path gradients, half the compute.
+gradient, so its forward is skipped (`encoder_only_loss_parts`): the same gradients, less compute per step.
 
 `eval` reports, on the held-out text (never trained on, nor used for the tokenizer):
 - `encoder_nll`: next-token NLL per token of the causal (encoder) pass over consecutive `--context`-token windows,
@@ -64,7 +68,6 @@ def train_ar(argv: list[str]) -> int:
     args = cli.build_parser().parse_args(argv)
     if not args.config or args.init_from or args.lora_rank:
         raise SystemExit("train-ar trains from scratch: give --config (no --init-from / --lora-rank)")
-    torch.set_num_threads(1)
     model = DiffusionGemma(cli._model_config(args.config))
     model.init_weights(generator=torch.Generator().manual_seed(args.seed))  # the same init as `dgemma train`
     tokenizer = Tokenizer.from_dir(args.tokenizer)
@@ -196,7 +199,7 @@ def export(argv: list[str]) -> int:
     p.add_argument("model", help="the trained checkpoint folder (e.g. runs/shakespeare/diffusion/final)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", default="dgemma/assets/shakespeare")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="float32", help="weights dtype of the asset (float32 or bfloat16)")
     p.add_argument("--generation", default=json.dumps(GENERATION), help="generation defaults (JSON)")
     args = p.parse_args(argv)
     from dgemma import checkpoint

@@ -5,7 +5,7 @@
 
 Writes into `--out`:
 - `train.txt`: the first lines of the corpus (the model trains on this only);
-- `heldout.txt`: the last `--heldout-fraction` of its lines (about 10%: the end of *The Tempest*), for evaluation;
+- `heldout.txt`: the last `--heldout-fraction` of its lines (cut at a blank line), for evaluation;
 - `tokenizer/`: tokenizer.json, tokenizer_config.json and chat_template.jinja (dgemma's default Gemma-style
   template), made by `dgemma.tokenizer_train` with the fixed special-token layout (0 <pad>, 1 <eos>, 2 <bos>, ...)
   and a post-processor that prepends <bos>. Learned from `train.txt` only, so the held-out text is unseen.
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     n_held = len(tok.encode(heldout.read_text(encoding="utf-8"), add_special_tokens=False).ids)
     info = {
         "corpus_sha256": hashlib.sha256(Path(args.corpus).read_bytes()).hexdigest(),
-        "train_chars": len(train.read_text(encoding="utf-8")), "heldout_chars": len(heldout.read_text(encoding="utf-8")),
+        "train_chars": len(train.read_text(encoding="utf-8")),
+        "heldout_chars": len(heldout.read_text(encoding="utf-8")),
         "train_tokens": n_train, "heldout_tokens": n_held, "vocab_size": tok.get_vocab_size(),
     }
     (out / "split.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -22,7 +22,7 @@ will thy what her him all shall by no do we our are if on or o lord good now sir
 more was they here than must which their them there how would she am when upon at an one come make love yet""".split())
 
 
-HELDOUT_NLL_MAX = 5.0
+HELDOUT_NLL_MAX = 4.5  # the shipped model: 3.68 on this slice; at step 100 of training 5.42; random weights 7.66
 
 
 @pytest.fixture(scope="module")
