@@ -15,7 +15,7 @@ CELL_W, CELL_H, COLS, PAD = 72, 22, 8, 8
 
 def _label(tokenizer, tid: int) -> str:
     s = tokenizer.decode([tid], skip_special_tokens=False) if tokenizer is not None else str(tid)
-    s = "".join(c if c.isprintable() else "·" for c in s.replace("\n", "⏎")).replace("\ufffd", "·")
+    s = "".join(c if c.isprintable() else "·" for c in s.replace("\n", "\\n")).replace("\ufffd", "?")
     return (s[:9] + "…") if len(s) > 10 else s
 
 
