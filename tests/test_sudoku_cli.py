@@ -185,3 +185,15 @@ def test_source_is_generated_and_random_access():
     p, r = src.example(20)
     assert len(p) == 82 and len(r) == 81 and sum(t != 3 for t in p[1:]) == 30  # 3 = blank
     assert src.example(20) == SudokuSource(seed=3, givens=(30, 30), chunk_size=16).example(20)
+
+
+def test_shipped_model_solves_an_easy_board(capsys):
+    """The packaged solver loads by default and solves a board with 20 blanks (a regression check on the asset)."""
+    from dgemma.sudoku.model import default_model_path
+
+    if not (default_model_path() / "config.json").is_file():
+        pytest.skip("no shipped model in this checkout")
+    easy = np.array(list(S1), dtype=int)
+    easy[np.random.default_rng(0).permutation(81)[:20]] = 0
+    rc, out, _ = run(["solve", "".join(map(str, easy)), "--seed", "0"], capsys)
+    assert rc == 0 and "check: solved" in out
