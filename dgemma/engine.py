@@ -258,7 +258,7 @@ class Engine:
                 cut = min(hits)
                 delta, reason = text[len(out.text):cut], "stop"
                 new = self._tokens_for_text(out.token_ids, new, text[:cut])
-                out.text = text[:cut][:len(out.text)]
+                out.text = out.text[:cut]
         out.token_ids += new
         out.text += delta
         out.canvases.append(CanvasStats(steps=s.canvas_steps, tokens=len(new)))

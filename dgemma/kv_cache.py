@@ -112,7 +112,7 @@ class EncodeSegment:
         dev = input_ids.device
         ar = torch.arange(width, device=dev)
         self.positions = self.start.to(dev)[:, None] + ar
-        self._masks: dict[int, tuple[int, torch.Tensor]] = {}  # buffer size -> (cached count, mask)
+        self._masks: dict[tuple[int, bool], tuple[int, torch.Tensor]] = {}  # (buffer size, sliding) -> (kept, mask)
         self.window = cache.cfg.sliding_window
 
     def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
