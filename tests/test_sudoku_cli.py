@@ -162,7 +162,10 @@ def test_train_then_resume_then_bench(tmp_path, data, capsys):
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     final = checkpoint.load(out / "final")
     assert final.config.canvas_length == 81 and final.generation.max_denoising_steps == 12
-    assert json.loads((out / "run.json").read_text())["objective"] == "diffusion"
+    stages = json.loads((out / "run.json").read_text())
+    assert stages["objective"] == "diffusion" and [s["from_step"] for s in stages["stages"]] == [0, 2]
+    rc, _, err = run(args + ["--steps", "4", "--ar"], capsys)
+    assert rc == 2 and "holds a diffusion run" in err
 
     ar = tmp_path / "ar"
     rc, _, _ = run(["train", "--out", str(ar), "--steps", "1", "--batch-size", "2", "--hidden-size", "32",

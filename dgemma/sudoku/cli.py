@@ -120,9 +120,15 @@ def train_main(argv: list[str]) -> int:
     trainer = Trainer(model, source, cfg, out, generation=gen, on_step=_stopper(args.stop_at))
     if trainer.step:
         print(f"resumed from step {trainer.step} ({trainer.position} examples)", file=sys.stderr)
-    _write_json(str(out / "run.json"), {
-        "objective": "ar" if args.ar else "diffusion", "givens": list(givens), "threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()), "argv": argv})
+    objective = "ar" if args.ar else "diffusion"
+    run_file = out / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    if trainer.step and run.get("objective", objective) != objective:
+        raise InputError(f"{out} holds a {run['objective']} run; resuming it as {objective} would mix objectives")
+    run = {"objective": objective, "givens": list(givens), "params": sum(p.numel() for p in model.parameters()),
+           "stages": run.get("stages", []) + [{"from_step": trainer.step, "threads": torch.get_num_threads(),
+                                               "argv": argv}]}
+    _write_json(str(run_file), run)
     t0 = time.perf_counter()
     try:
         records = trainer.train()
