@@ -3,7 +3,7 @@
 # (dgemma/assets/sudoku_ar/): a 1.63M-parameter DiffusionGemma (MoE, one 81-token canvas) trained from scratch on
 # generated puzzles with `dgemma sudoku train`, on ONE CPU thread; then the evaluations and the plot of docs/sudoku.md.
 #
-#     bash runs/sudoku.sh            # from the repository root; ~1 h of training + ~40 min of evaluation, 1 thread
+#     bash runs/sudoku.sh            # from the repository root; ~1 h of training + ~30 min of evaluation, 1 thread
 #
 # Training data are generated (dgemma.sudoku.recipe.SudokuSource), never read from the evaluation files. Every step
 # is seeded: a rerun gives the same examples, noise draws and initial weights (weights agree up to float summation
@@ -48,3 +48,11 @@ awk -F, '{ p = $1; n = gsub(/[1-9]/, "", p); if (count[n]++ < 100) print }' $DAT
 $DGEMMA sudoku eval $RRN_ROWS --json $OUT/eval_rrn.json --no-progress
 $DGEMMA sudoku bench $DATA/satnet_10k.csv --rows -1000: --max-denoising-steps 1,2,4,8,12,24,48 \
     --json $OUT/bench_satnet.json --plot docs/sudoku_accuracy_vs_steps.png --no-progress
+
+# 5. The sampler check of docs/sudoku.md on fresh generated puzzles (validation data, not an evaluation file).
+$DGEMMA sudoku generate --out $OUT/val_30_42.csv --n 200 --givens 30:42 --seed 1
+for flags in "" "--entropy-bound 0.3" "--entropy-bound 1.0" "--t-max 0.5 --t-min 0.2" \
+             "--entropy-bound 0.3 --t-max 0.5 --t-min 0.2"; do
+    # shellcheck disable=SC2086
+    $DGEMMA sudoku eval $OUT/val_30_42.csv --rows :100 --no-progress $flags
+done

@@ -83,6 +83,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--export", default=None, help="also write the final model here (default: OUT/final only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the published runs used 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     _threads(args.threads)
@@ -117,7 +118,8 @@ def train_main(argv: list[str]) -> int:
         model.init_weights(generator=torch.Generator().manual_seed(args.seed))
     source = recipe.SudokuSource(seed=args.seed, givens=givens)
     gen = recipe.generation_config()
-    trainer = Trainer(model, source, cfg, out, generation=gen, on_step=_stopper(args.stop_at))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = Trainer(model, source, cfg, out, generation=gen, device=device, on_step=_stopper(args.stop_at))
     if trainer.step:
         print(f"resumed from step {trainer.step} ({trainer.position} examples)", file=sys.stderr)
     objective = "ar" if args.ar else "diffusion"
@@ -394,7 +396,7 @@ def plot_sweep(sweep: list[dict], ar: dict | None, out: str, title: str) -> None
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -448,7 +450,7 @@ def bench_main(argv: list[str]) -> int:
     if args.json_out:
         _write_json(args.json_out, out)
     if args.plot:
-        plot_sweep(sweep, ar, args.plot, f"{Path(args.file).name} rows {args.rows or ':'} ({len(puzzles)} puzzles)")
+        plot_sweep(sweep, ar, args.plot, f"{Path(args.file).name} (rows {args.rows or ':'}, {len(puzzles)} puzzles)")
     return 0
 
 
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = _join_negative_rows(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = "usage: dgemma sudoku {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
-            f"  {k:<7}{v[1]}" for k, v in COMMANDS.items())
+            f"  {k:<10}{v[1]}" for k, v in COMMANDS.items())
         if argv and argv[0] not in ("-h", "--help"):
             print(usage, file=sys.stderr)
             print(f"dgemma sudoku: error: unknown command {argv[0]!r}", file=sys.stderr)

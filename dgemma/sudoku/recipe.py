@@ -2,7 +2,7 @@
 
     from dgemma.sudoku.recipe import model_config, train_config, SudokuSource
     model = DiffusionGemma(model_config()); model.init_weights(...)
-    Trainer(model, SudokuSource(seed=0), train_config(steps=1600), "runs/sudoku").train()
+    Trainer(model, SudokuSource(seed=0), train_config(steps=600), "runs/sudoku").train()
 
 One example = prompt `encode_prompt(puzzle)` (<bos> + 81 cells at positions 0..81) and response
 `encode_solution(solution)`: exactly one 81-token canvas at positions 82..162, no EOS (`require_eos=False`).
