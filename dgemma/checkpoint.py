@@ -123,23 +123,15 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
                 [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
     found: set[str] = set()
     unexpected, passthrough = [], {}
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        with handle as f:
-            for name in f.keys():
-                if name.startswith(_VISION):
-                    passthrough[name] = file
-                    continue
-                if name == "lm_head.weight":
-                    continue  # tied to the embedding; some exporters write it anyway
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                _assign(model, expected[name], _read(f, name, file, want), name, file)
-                found.add(name)
+    progress = _progress(files)
+    try:
+        for file in files:
+            _load_file(model, file, expected, want, found, unexpected, passthrough)
+            if progress is not None:
+                progress.advance(progress.task_ids[0], file.stat().st_size)
+    finally:
+        if progress is not None:
+            progress.stop()
     missing = sorted(set(expected) - found)
     if missing or unexpected:
         parts = []
@@ -155,6 +147,40 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model.to(device)
     model.eval()
     return Checkpoint(model, config, generation, path, passthrough)
+
+
+def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: list, passthrough: dict) -> None:
+    """Move one shard's tensors into the meta-device model (vision tensors are only noted, for save)."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        for name in f.keys():
+            if name.startswith(_VISION):
+                passthrough[name] = file
+                continue
+            if name == "lm_head.weight":
+                continue  # tied to the embedding; some exporters write it anyway
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            _assign(model, expected[name], _read(f, name, file, want), name, file)
+            found.add(name)
+
+
+def _progress(files: list[Path], min_bytes: int = 2**30):
+    """A progress bar over the shards for checkpoints of a gigabyte or more (small ones load in a blink)."""
+    total = sum(f.stat().st_size for f in files)
+    if total < min_bytes:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   transient=True)
+    bar.add_task("load", total=total)
+    bar.start()
+    return bar
 
 
 def _names(names: list[str], limit: int = 12) -> str:
