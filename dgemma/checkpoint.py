@@ -143,7 +143,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     if passthrough and str(path) not in _vision_warned:
         _vision_warned.add(str(path))
         log.warning("%s has a vision tower: loading the text model only (images are not supported yet)", path)
-    _materialise_rope(model)
+    model.reset_rope()  # non-persistent buffers are still on the meta device
     model.to(device)
     model.eval()
     return Checkpoint(model, config, generation, path, passthrough)
@@ -209,17 +209,6 @@ def _assign(model: nn.Module, pname: str, t: torch.Tensor, name: str, file: Path
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
     else:
         mod._buffers[attr] = t
-
-
-def _materialise_rope(model: DiffusionGemma) -> None:
-    from .rope import inv_frequencies
-    from .config import SLIDING
-    t = model.text
-    for name, buf in list(model.named_buffers()):
-        if name.startswith("inv_freq_"):
-            lt = name[len("inv_freq_"):]
-            dim = t.head_dim if lt == SLIDING else t.global_head_dim
-            model._buffers[name] = inv_frequencies(t.rope[lt], dim)
 
 
 def save(model: DiffusionGemma, out: str | Path, generation: GenerationConfig | None = None,

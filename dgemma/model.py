@@ -121,22 +121,21 @@ class Layer(nn.Module):
         return out * scalar
 
 
-class SelfConditioning(nn.Module):
-    """Decoder-only input block: post_norm(embed(canvas) + MLP(pre_norm(soft embedding of the last step)))."""
+class SelfConditioning(MLP):
+    """Decoder-only input block: post_norm(embed(canvas) + MLP(pre_norm(soft embedding of the last step))).
+
+    The MLP is the same GeGLU block as the dense one (its gate/up/down weights sit directly under
+    `self_conditioning.` in the checkpoint), with a pre-norm and a scale-free post-norm around it."""
 
     def __init__(self, cfg: TextConfig):
-        super().__init__()
+        super().__init__(cfg.hidden_size, cfg.intermediate_size)
         self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         # A zero signal gives an MLP output of exactly zero, so the first step skips the MLP; the post-norm always runs.
         if soft is not None:
-            n = self.pre_norm(soft)
-            embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+            embeds = embeds + super().forward(self.pre_norm(soft))
         return self.post_norm(embeds)
 
 
@@ -151,6 +150,11 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(t, i) for i in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)build the RoPE inverse-frequency buffers on the CPU, e.g. after building the model on `meta`."""
+        t = self.text
         for lt in (SLIDING, FULL):
             if lt in t.layer_types:
                 dim = t.head_dim if lt == SLIDING else t.global_head_dim
