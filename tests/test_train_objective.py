@@ -174,3 +174,22 @@ def test_self_conditioning_two_pass():
     # gradients flow through pass 2 into the self-conditioning MLP
     parts.total(cfg).backward()
     assert model.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_part_with_weight_zero_is_skipped_and_the_other_is_unchanged():
+    model = tiny_model()
+    ex = random_examples(4, seed=4)
+    b = collate(ex, [3, 4, 5, 6], 8, EOS)
+    both = ObjectiveConfig(canvas_length=8, vocab_size=96, self_cond_prob=0.5, seed=2)
+    d = draw(b, both)
+    full = loss_parts(model, b, both, d)
+    dec_only = loss_parts(model, b, ObjectiveConfig(canvas_length=8, vocab_size=96, self_cond_prob=0.5, seed=2,
+                                                    encoder_loss_weight=0.0), d)
+    # the encoder ran over the prefix only: the decoder saw the same K/V, so its loss is the same
+    torch.testing.assert_close(dec_only.decoder_sum, full.decoder_sum, rtol=1e-5, atol=1e-5)
+    assert dec_only.encoder_count == 0 and float(dec_only.encoder_sum) == 0.0
+    enc_only = loss_parts(model, b, ObjectiveConfig(canvas_length=8, vocab_size=96, decoder_loss_weight=0.0), d)
+    torch.testing.assert_close(enc_only.encoder_sum, full.encoder_sum, rtol=1e-5, atol=1e-5)
+    assert enc_only.decoder_count == 0 and enc_only.encoder_count == full.encoder_count
+    with pytest.raises(ValueError, match="both 0"):
+        ObjectiveConfig(canvas_length=8, vocab_size=96, decoder_loss_weight=0.0, encoder_loss_weight=0.0)

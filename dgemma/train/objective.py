@@ -50,6 +50,8 @@ class ObjectiveConfig:
             raise ValueError(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
         if self.decoder_loss_weight < 0 or self.encoder_loss_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.decoder_loss_weight == 0 and self.encoder_loss_weight == 0:
+            raise ValueError("decoder_loss_weight and encoder_loss_weight are both 0: nothing to train")
 
 
 class EncoderSegment:
@@ -179,6 +181,14 @@ def encoder_targets(batch: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
 
 
 def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Draw | None = None) -> LossParts:
+    """The loss sums of one (micro-)batch. A part with weight 0 is not computed at all (its sum is 0, its count
+    0): with `encoder_loss_weight == 0` the encoder runs over the prefix only (what the decoder reads), with
+    `decoder_loss_weight == 0` there is no decoder pass."""
+    zero = batch.input_ids.new_zeros((), dtype=torch.float32)
+    if cfg.decoder_loss_weight == 0:  # the autoregressive objective: the encoder alone
+        he = model([EncoderSegment(batch.input_ids, batch.lengths, model.text)])[0]
+        enc_sum, enc_count = _encoder_sum(model, he, batch, cfg)
+        return LossParts(zero, 0, enc_sum, enc_count)
     d = d or draw(batch, cfg)
     sc = None
     if cfg.self_cond_prob > 0 and bool(d.use_sc.any()):
@@ -192,18 +202,28 @@ def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Dra
         # A zero signal makes the self-conditioning MLP output exactly zero, so other rows are unaffected.
         sc = soft.new_zeros(batch.size, *soft.shape[1:])
         sc[rows] = soft
-    he, hd = run(model, batch.input_ids, batch.lengths, d.noisy, d.prefix_lens, sc)
+    if cfg.encoder_loss_weight == 0:  # the decoder reads the prefix only: the response needs no encoder pass
+        width = max(1, int(d.prefix_lens.max()))
+        _, hd = run(model, batch.input_ids[:, :width], batch.lengths.clamp(max=width), d.noisy, d.prefix_lens, sc)
+        enc_sum, enc_count = zero, 0
+    else:
+        he, hd = run(model, batch.input_ids, batch.lengths, d.noisy, d.prefix_lens, sc)
+        enc_sum, enc_count = _encoder_sum(model, he, batch, cfg)
     dec_sum = F.cross_entropy(model.logits(hd).flatten(0, 1), d.clean.flatten(), reduction="sum")
+    return LossParts(dec_sum, d.clean.numel(), enc_sum, enc_count)
+
+
+def _encoder_sum(model: DiffusionGemma, he: torch.Tensor, batch: Batch, cfg: ObjectiveConfig):
     valid = encoder_targets(batch, cfg)
     # Only the counted positions go through the LM head: padding never costs a [*, vocab] row.
     enc_logits = model.logits(he[:, :-1][valid])
-    enc_sum = F.cross_entropy(enc_logits, batch.input_ids[:, 1:][valid], reduction="sum")
-    return LossParts(dec_sum, d.clean.numel(), enc_sum, int(valid.sum()))
+    return F.cross_entropy(enc_logits, batch.input_ids[:, 1:][valid], reduction="sum"), int(valid.sum())
 
 
 def loss(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Convenience: the batch-mean objective and its parts, for use outside the trainer."""
     p = loss_parts(model, batch, cfg)
-    dec = p.decoder_sum / max(p.decoder_count, 1)
-    enc = p.encoder_sum / max(p.encoder_count, 1)
-    return p.total(cfg), {"decoder_loss": float(dec), "encoder_loss": float(enc)}
+    parts = {"decoder_loss": p.decoder_sum / max(p.decoder_count, 1),
+             "encoder_loss": p.encoder_sum / max(p.encoder_count, 1)}
+    weights = {"decoder_loss": cfg.decoder_loss_weight, "encoder_loss": cfg.encoder_loss_weight}
+    return p.total(cfg), {k: float(v) for k, v in parts.items() if weights[k] > 0}

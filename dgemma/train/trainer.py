@@ -196,8 +196,10 @@ class Trainer:
         self.step += 1
         self.position += self.global_batch
         dec, enc = float(sums[0]) / dec_norm, float(sums[1]) / enc_norm
+        # A part with weight 0 is not computed (objective.loss_parts): its metric is null.
         return {"step": self.step, "loss": obj.decoder_loss_weight * dec + obj.encoder_loss_weight * enc,
-                "decoder_loss": dec, "encoder_loss": enc, "lr": lr, "grad_norm": grad_norm,
+                "decoder_loss": dec if obj.decoder_loss_weight > 0 else None,
+                "encoder_loss": enc if obj.encoder_loss_weight > 0 else None, "lr": lr, "grad_norm": grad_norm,
                 "examples_per_s": self.global_batch / (time.perf_counter() - t0), "examples": self.position}
 
     def _all_reduce_grads(self, bucket_elems: int = 1 << 24) -> None:
