@@ -49,10 +49,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> to
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m = x2.shape[0]
-    if m % tile:
-        x2 = torch.cat([x2, x2.new_zeros(tile - m % tile, shape[-1])])
-    out = torch.cat([F.linear(x2[i:i + tile], weight) for i in range(0, x2.shape[0], tile)])
-    return out[:m].reshape(*shape[:-1], weight.shape[0])
+    full = m - m % tile
+    # Each tile's product goes straight into its rows of one output buffer (no concatenation); only a partial last
+    # tile is copied into a zero-padded tile-sized buffer.
+    out = x2.new_empty(m, weight.shape[0])
+    wt = weight.t()
+    for i in range(0, full, tile):
+        torch.mm(x2[i:i + tile], wt, out=out[i:i + tile])
+    if full < m:
+        last = x2.new_zeros(tile, shape[-1])
+        last[:m - full] = x2[full:]
+        out[full:] = torch.mm(last, wt)[:m - full]
+    return out.reshape(*shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
