@@ -189,8 +189,12 @@ class DiffusionGemma(nn.Module):
             return out
         if torch.is_grad_enabled() and out.requires_grad:
             return torch.tanh(out / cap) * cap
-        # Inference: in place on the fresh product (the same ops and values; three fewer [*, V] allocations).
-        return out.div_(cap).tanh_().mul_(cap)
+        # Inference: in place on the fresh product, a few cache-sized rows at a time (the same ops and values, and
+        # no [*, V] temporaries streamed through memory).
+        flat = out.view(-1, out.shape[-1])
+        for rows in flat.split(max(1, (1 << 17) // flat.shape[-1])):
+            rows.div_(cap).tanh_().mul_(cap)
+        return out
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor]:

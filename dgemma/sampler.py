@@ -44,6 +44,7 @@ from torch import Tensor
 from dgemma.sampling_params import DenoiseSettings
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # one 256 x 262,144 canvas row per slab: 256 MiB of fp32 per temporary
+CPU_SUB_SLAB_ELEMS = 1 << 17  # per-position passes on the CPU: 512 KiB of fp32 per temporary, cache-resident
 
 
 def slab_positions(canvas_length: int, vocab_size: int, chunk_elems: int) -> int:
@@ -186,21 +187,30 @@ def accept_by_entropy(token_entropy: Tensor, entropy_bound: Tensor) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def self_conditioning_embeddings(
-    z: Tensor, embedding: Tensor, embed_scale: float | None = None, *, probs: Tensor | None = None
-) -> Tensor:
-    """Compact self-conditioning signal softmax(z) @ embedding -> [..., hidden], in embedding.dtype.
+def self_conditioning_probs(z: Tensor, dtype: torch.dtype, *, probs: Tensor | None = None) -> Tensor:
+    """softmax(z) as HF computes it for self-conditioning: the scaled logits stored in the embedding dtype,
+    soft-maxed in fp32, cast back to that dtype. `probs` = softmax(z) in fp32 may be passed (used when dtype is
+    fp32, where it is the same tensor)."""
+    if probs is None or dtype != torch.float32:
+        probs = torch.softmax(z.to(dtype), dim=-1, dtype=torch.float32)
+    return probs.to(dtype)
 
-    Same casts as HF: the scaled logits are stored in the embedding dtype, soft-maxed in fp32, cast back, then
-    multiplied by the embedding matrix (and by embed_scale rounded to that dtype, if given: HF's
-    `* embed_tokens.embed_scale`). `probs` = softmax(z) may be passed to skip recomputing it when embedding is fp32.
-    """
-    if probs is None or embedding.dtype != torch.float32:
-        probs = torch.softmax(z.to(embedding.dtype), dim=-1, dtype=torch.float32)
-    out = torch.matmul(probs.to(embedding.dtype), embedding)
+
+def self_conditioning_matmul(probs: Tensor, embedding: Tensor, embed_scale: float | None = None) -> Tensor:
+    """probs [..., V] (embedding dtype) @ embedding [V, hidden], times embed_scale rounded to that dtype if given
+    (HF's `* embed_tokens.embed_scale`)."""
+    out = torch.matmul(probs, embedding)
     if embed_scale is not None:
         out = out * torch.tensor(embed_scale, dtype=torch.float32, device=out.device).to(embedding.dtype)
     return out
+
+
+def self_conditioning_embeddings(
+    z: Tensor, embedding: Tensor, embed_scale: float | None = None, *, probs: Tensor | None = None
+) -> Tensor:
+    """Compact self-conditioning signal softmax(z) @ embedding -> [..., hidden], in embedding.dtype, with HF's
+    casts (`self_conditioning_probs`, then `self_conditioning_matmul`)."""
+    return self_conditioning_matmul(self_conditioning_probs(z, embedding.dtype, probs=probs), embedding, embed_scale)
 
 
 # MARK: per-row settings, state and result
@@ -309,19 +319,30 @@ def step(
         sc = torch.empty(positions, embedding.shape[1], dtype=embedding.dtype, device=logits.device)
 
     slab = slab_positions(canvas_length, vocab_size, chunk_elems)
+    # On the CPU the per-position passes run on cache-sized sub-slabs (every op is per position, so the values are
+    # the same; ~2.5x faster than streaming [slab, V] temporaries through memory). At least 2 positions: a
+    # multi-threaded CPU reduction with a single output splits the reduced dim differently (two-pass), which
+    # would change the last bits. The self-conditioning GEMM keeps the slab's row count, which fixes its rounding.
+    # On CUDA the kernels' reduction order may depend on the row count, so the sub-slab is the whole slab there.
+    sub = slab if logits.device.type != "cpu" else min(slab, max(2, CPU_SUB_SLAB_ELEMS // vocab_size))
     for s in range(0, positions, slab):
         e = min(s + slab, positions)
-        x = flat[s:e]
-        if filtering:
-            x = mask_top_k_top_p(x, top_k[s:e], top_p[s:e], params.max_top_k, params.use_top_p)
-        z = x / temp[s:e, None]  # a tensor divisor: true division, as HF's 0-dim temperature tensor
-        argmax[s:e] = z.argmax(dim=-1)
-        probs = torch.softmax(z, dim=-1)
+        sc_probs = None if sc is None else torch.empty(e - s, vocab_size, dtype=embedding.dtype, device=logits.device)
+        for a in range(s, e, sub):
+            b = min(a + sub, e)
+            x = flat[a:b]
+            if filtering:
+                x = mask_top_k_top_p(x, top_k[a:b], top_p[a:b], params.max_top_k, params.use_top_p)
+            z = x / temp[a:b, None]  # a tensor divisor: true division, as HF's 0-dim temperature tensor
+            argmax[a:b] = z.argmax(dim=-1)
+            probs = torch.softmax(z, dim=-1)
+            if sc_probs is not None:
+                sc_probs[a - s:b - s] = self_conditioning_probs(z, embedding.dtype, probs=probs)
+            sampled[a:b] = inverse_cdf_sample(probs, u[a:b], inplace=True)
+            del probs  # free before the entropy pass allocates its own temporaries
+            token_entropy[a:b] = entropy(z, inplace=True)
         if sc is not None:
-            sc[s:e] = self_conditioning_embeddings(z, embedding, embed_scale, probs=probs)
-        sampled[s:e] = inverse_cdf_sample(probs, u[s:e], inplace=True)
-        del probs  # free before the entropy pass allocates its own slab
-        token_entropy[s:e] = entropy(z, inplace=True)
+            sc[s:e] = self_conditioning_matmul(sc_probs, embedding, embed_scale)
 
     token_entropy = token_entropy.view(rows, canvas_length)
     argmax = argmax.view(rows, canvas_length)

@@ -373,6 +373,55 @@ def test_chunked_equals_unchunked(emb_dtype):
         torch.testing.assert_close(part.sc_embeds, whole.sc_embeds, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("emb_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_sub_slabs_change_nothing(emb_dtype, monkeypatch):
+    """The per-position passes run on cache-sized sub-slabs on the CPU: every result, the self-conditioning
+    signal included (its GEMM keeps the slab's shape), is bit-identical to whole-slab passes."""
+    import dgemma.sampler as sampler_module
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, C, V, generator=g) * 4
+    emb = torch.randn(V, HIDDEN, generator=g).to(emb_dtype)
+    # the second row accepts every position, so its canvas is the sample at every position
+    per_row = [settings(top_k=5, top_p=0.9), settings(entropy_bound=1e9)]
+    monkeypatch.setattr(sampler_module, "CPU_SUB_SLAB_ELEMS", 1 << 40)
+    whole = _batch([4, 5], per_row, logits, C * V, emb)
+    for positions in (1, 3, 4):  # 3 does not divide the canvas: a short last sub-slab
+        monkeypatch.setattr(sampler_module, "CPU_SUB_SLAB_ELEMS", positions * V)
+        part = _batch([4, 5], per_row, logits, C * V, emb)
+        for name in DISCRETE + ("sc_embeds",):
+            assert torch.equal(getattr(whole, name), getattr(part, name)), (positions, name)
+
+
+def test_cpu_sub_slabs_are_exact_with_threads_and_a_large_vocabulary(monkeypatch):
+    """With several threads, a CPU reduction over a large dim with ONE output takes a two-pass path that rounds
+    differently; sub-slabs hold at least 2 positions so that every reduction splits as the whole slab's does."""
+    import dgemma.sampler as sampler_module
+
+    vocab, c = 262_144, 4
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(2, c, vocab, generator=g) * 4
+    emb = torch.randn(vocab, 8, generator=g)
+    per_row = [DenoiseSettings(max_new_tokens=c, max_denoising_steps=12, entropy_bound=1e9, t_min=0.4, t_max=0.8,
+                               stability_threshold=1, confidence_threshold=0.005)] * 2
+
+    def run(sub_elems):
+        monkeypatch.setattr(sampler_module, "CPU_SUB_SLAB_ELEMS", sub_elems)
+        draws = PerRequestDraws.from_seeds([1, 2])
+        _, prev, runs = start_canvas(draws, c, vocab)
+        return step(logits.clone(), torch.tensor([7, 7], dtype=torch.int32), RowParams.from_settings(per_row), prev,
+                    runs, draws, embedding=emb, embed_scale=4.0, chunk_elems=c * vocab)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole, part = run(1 << 40), run(1)  # the whole slab; the smallest sub-slab allowed (2 positions)
+    finally:
+        torch.set_num_threads(threads)
+    for name in DISCRETE + ("sc_embeds",):
+        assert torch.equal(getattr(whole, name), getattr(part, name)), name
+
+
 def test_slab_positions():
     assert slab_positions(256, 262144, DEFAULT_CHUNK_ELEMS) == 256  # the default is one released-size canvas row
     assert slab_positions(16, 97, 3 * 16 * 97 + 5) == 48
