@@ -132,6 +132,21 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor, *, inplace: bool = False) -> Te
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+ARGMAX_BLOCK = 64
+
+
+def first_argmax(z: Tensor) -> Tensor:
+    """`z.argmax(-1)` for z [M, V], the same indices (the first maximum; NaN counts as the maximum), computed from
+    block maxima: the CPU's index-tracking argmax does not vectorise, amax does, so this is ~5x faster there."""
+    m, v = z.shape
+    if z.device.type != "cpu" or v % ARGMAX_BLOCK or not z.is_contiguous():
+        return z.argmax(dim=-1)
+    blocks = z.view(m, v // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # the first block holding the row's maximum
+    inner = blocks[torch.arange(m, device=z.device), best].argmax(dim=-1)  # its first maximum inside that block
+    return best * ARGMAX_BLOCK + inner
+
+
 # MARK: the pieces of a step, each identical to HF's arithmetic
 
 
@@ -334,7 +349,7 @@ def step(
             if filtering:
                 x = mask_top_k_top_p(x, top_k[a:b], top_p[a:b], params.max_top_k, params.use_top_p)
             z = x / temp[a:b, None]  # a tensor divisor: true division, as HF's 0-dim temperature tensor
-            argmax[a:b] = z.argmax(dim=-1)
+            argmax[a:b] = first_argmax(z)
             probs = torch.softmax(z, dim=-1)
             if sc_probs is not None:
                 sc_probs[a - s:b - s] = self_conditioning_probs(z, embedding.dtype, probs=probs)

@@ -422,6 +422,23 @@ def test_cpu_sub_slabs_are_exact_with_threads_and_a_large_vocabulary(monkeypatch
         assert torch.equal(getattr(whole, name), getattr(part, name)), name
 
 
+def test_first_argmax_is_torch_argmax():
+    from dgemma.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(9, 4096, generator=g)
+    z[0, 100] = z[0, 3000] = 50.0  # a tie across blocks: the first wins
+    z[1, 70] = z[1, 66] = 50.0  # a tie inside one block
+    z[2, 7] = z[2, 3000] = float("nan")  # NaN counts as the maximum, the first one wins
+    z[3, 2] = float("inf")
+    z[4] = float("-inf")
+    z[5] = 0.0  # all equal
+    z[6, -1] = 50.0  # the very last index
+    assert torch.equal(first_argmax(z), z.argmax(-1))
+    odd = torch.randn(3, 97, generator=g)  # not a multiple of the block: plain argmax
+    assert torch.equal(first_argmax(odd), odd.argmax(-1))
+
+
 def test_slab_positions():
     assert slab_positions(256, 262144, DEFAULT_CHUNK_ELEMS) == 256  # the default is one released-size canvas row
     assert slab_positions(16, 97, 3 * 16 * 97 + 5) == 48
