@@ -2,8 +2,8 @@
 
     dgemma sudoku solve 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
     dgemma sudoku eval ../shared/data/sudoku/satnet_10k.csv --rows -1000: --json satnet.json
-    dgemma sudoku train --out runs/sudoku/diffusion --steps 900 --warmup 50
-    dgemma sudoku train --out runs/sudoku/ar --steps 900 --warmup 50 --ar
+    dgemma sudoku train --out runs/sudoku/diffusion --steps 2000 --warmup 50      # runs/sudoku.sh: the shipped recipe
+    dgemma sudoku train --out runs/sudoku/ar --steps 2000 --warmup 50 --ar
     dgemma sudoku bench ../shared/data/sudoku/satnet_10k.csv --rows -200: --ar-model runs/sudoku/ar/final
 
 The default model is the one shipped in the package (dgemma/assets/sudoku). Errors print one line and exit 2.
@@ -67,7 +67,7 @@ def train_main(argv: list[str]) -> int:
     p = Parser(prog="dgemma sudoku train", description="Train the Sudoku solver (block diffusion) or its AR baseline.")
     p.add_argument("--out", required=True, help="run folder (resumed from its latest checkpoint when present)")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ar", action="store_true", help="train the autoregressive baseline (encoder next-token loss only)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps/20, at most 100)")
