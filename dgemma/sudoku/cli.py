@@ -383,8 +383,8 @@ def plot_sweep(sweep: list[dict], ar: dict | None, out: str, title: str) -> None
     ax.plot(steps, [100 * r["overall"]["cell_accuracy"] for r in sweep], "o:", color="C0", alpha=0.5, ms=3,
             label="block diffusion: blank cells right")
     for s_, e, r in zip(steps, exact, sweep):
-        ax.annotate(f"{r['overall']['mean_steps']:.1f}", (s_, e), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=7, color="C0")
+        ax.annotate(f"{r['overall']['mean_steps']:.1f}", (s_, e), textcoords="offset points",
+                    xytext=(0, -12 if e > 90 else 6), ha="center", fontsize=7, color="C0")
     if ar is not None:
         n = ar["forwards_per_puzzle"]
         ax.axhline(100 * ar["overall"]["exact"], color="C3", ls="--", label=f"AR baseline ({n:.0f} forwards): exact")
@@ -394,9 +394,9 @@ def plot_sweep(sweep: list[dict], ar: dict | None, out: str, title: str) -> None
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlabel("max denoising steps (labels: mean steps used)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
