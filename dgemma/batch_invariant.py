@@ -49,6 +49,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> to
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m = x2.shape[0]
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # out= records no gradient
+        if m % tile:
+            x2 = torch.cat([x2, x2.new_zeros(tile - m % tile, shape[-1])])
+        out = torch.cat([F.linear(x2[i:i + tile], weight) for i in range(0, x2.shape[0], tile)])
+        return out[:m].reshape(*shape[:-1], weight.shape[0])
     full = m - m % tile
     # Each tile's product goes straight into its rows of one output buffer (no concatenation); only a partial last
     # tile is copied into a zero-padded tile-sized buffer.
