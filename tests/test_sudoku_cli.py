@@ -24,14 +24,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim
             moe_intermediate_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = DiffusionGemma(model_config(**TINY))

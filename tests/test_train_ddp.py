@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from test_train_objective import one_thread  # noqa: F401 (autouse fixture)
 from test_trainer import cfg, fresh, random_source
 
 from dgemma.train import Trainer

@@ -15,15 +15,6 @@ from dgemma.train.objective import ObjectiveConfig, draw, encoder_targets, loss_
 EOS, PAD = 1, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: OpenMP threads waiting on each other cost 30x more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(canvas_length=8, seed=0, **text) -> DiffusionGemma:
     cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas_length,
                                  "text_config": tiny_text_config(**text)})

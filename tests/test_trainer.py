@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from helpers import tiny_text_config
-from test_train_objective import one_thread, tiny_model  # noqa: F401 (one_thread: an autouse fixture)
+from test_train_objective import tiny_model
 
 from dgemma import checkpoint
 from dgemma.train import LoRAConfig, TextCorpusSource, TrainConfig, Trainer, merge_lora, unmerge_lora
