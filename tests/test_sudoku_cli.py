@@ -140,6 +140,42 @@ def test_answers_depend_on_seed_not_on_batch(tiny):
     assert np.array_equal(c.boards[0], a.boards[2])
 
 
+def test_attempts_redenoise_invalid_boards_with_fresh_seeds(tiny, monkeypatch):
+    """A board that is not a valid solution is denoised again, seeded seed + i + j * stride; the last board is kept
+    and every attempt's steps are counted. A puzzle whose board verifies stops there."""
+    from dgemma.sudoku import model as solver_module
+
+    puzzles = np.stack([parse_board(p) for p in (P1, P2)])
+    solver = Solver(tiny, batch_size=2)
+    stride = solver_module.ATTEMPT_SEED_STRIDE
+    single = [solver.solve(puzzles, 3, seed=5 + j * stride) for j in range(3)]
+    res = solver.solve(puzzles, 3, seed=5, attempts=3)
+    assert res.attempts == [3, 3]  # a random model never writes a valid board
+    assert np.array_equal(res.boards, single[2].boards)
+    assert res.steps == [sum(r.steps[i] for r in single) for i in range(2)]
+    assert res.forwards == pytest.approx((sum(res.steps) + 6) / 2)
+
+    first = single[0].boards[1]  # pretend the model's first board for P2 verifies
+    monkeypatch.setattr(solver_module, "solved", lambda p, b: np.array_equal(b, first))
+    res = solver.solve(puzzles, 3, seed=5, attempts=3)
+    assert res.attempts == [3, 1] and np.array_equal(res.boards[1], first) and res.steps[1] == single[0].steps[1]
+    with pytest.raises(ValueError, match="attempts"):
+        solver.solve(puzzles, 3, attempts=0)
+
+
+def test_eval_and_solve_take_attempts(tiny, data, capsys, tmp_path):
+    rc, out, _ = run(["eval", str(data / "e.csv"), "--rows", ":2", "--model", str(tiny), "--max-denoising-steps",
+                      "2", "--attempts", "2", "--json", str(tmp_path / "r.json"), "--no-progress"], capsys)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and "up to 2 attempts (mean 2.00)" in out
+    assert rep["attempts"] == 2 and rep["mean_attempts"] == 2.0 and rep["overall"]["mean_steps"] == 4.0
+    assert rep["forwards_per_puzzle"] == 6.0  # two prefills + two 2-step canvases
+    rc, out, _ = run(["solve", P1, "--model", str(tiny), "--max-denoising-steps", "2", "--attempts", "3"], capsys)
+    assert rc == 1 and "6 denoising steps in 3 attempts of at most 2 steps" in out
+    rc, _, err = run(["solve", P1, "--model", str(tiny), "--attempts", "0"], capsys)
+    assert rc == 2 and "--attempts must be at least 1" in err
+
+
 # MARK: train and bench
 
 

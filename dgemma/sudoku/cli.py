@@ -213,9 +213,12 @@ def solve_main(argv: list[str]) -> int:
     p.add_argument("--model", help="solver folder (default: the shipped dgemma/assets/sudoku)")
     p.add_argument("--max-denoising-steps", type=int, default=None, help="default: the model's (12)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attempts", type=int, default=1,
+                   help="denoise again (fresh seed) while the board is not a valid solution, up to this many canvases")
     p.add_argument("--json", action="store_true", help="one JSON object per puzzle")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    attempts = _attempts(args)
     puzzles = _read_puzzles(args.puzzle)
     for label, puzzle in puzzles:
         why = _contradiction(puzzle)
@@ -227,26 +230,29 @@ def solve_main(argv: list[str]) -> int:
 
     solver = Solver(args.model, batch_size=min(64, len(puzzles)))
     t0 = time.perf_counter()
-    res = solver.solve([pz for _, pz in puzzles], args.max_denoising_steps, seed=args.seed)
+    res = solver.solve([pz for _, pz in puzzles], args.max_denoising_steps, seed=args.seed, attempts=attempts)
     secs = time.perf_counter() - t0
     cap = args.max_denoising_steps or solver.generation.max_denoising_steps
     all_solved = True
-    for (label, puzzle), board, steps in zip(puzzles, res.boards, res.steps):
+    for (label, puzzle), board, steps, tries in zip(puzzles, res.boards, res.steps, res.attempts):
         c = check_board(puzzle, board)
         all_solved &= c["solved"]
         unique = count_solutions(puzzle, 2) == 1
         if args.json:
             print(json.dumps({"puzzle": format_board(puzzle), "board": format_board(board), "steps": steps,
-                              "max_denoising_steps": cap, "givens": int(np.count_nonzero(puzzle)),
+                              "attempts": tries, "max_denoising_steps": cap, "givens": int(np.count_nonzero(puzzle)),
                               "unique": unique, **c}))
             continue
         if len(puzzles) > 1:
             print(f"== {label}")
         print(f"puzzle ({np.count_nonzero(puzzle)} givens{'' if unique else ', several solutions'}):")
         print(pretty_board(puzzle))
-        print(f"\nmodel's board ({steps} denoising steps of at most {cap}):")
+        spent = f"{steps} denoising steps of at most {cap}" if tries == 1 else \
+            f"{steps} denoising steps in {tries} attempts of at most {cap} steps"
+        print(f"\nmodel's board ({spent}):")
         print(pretty_board(board))
-        print(f"\ncheck: {_verdict(c)}\n")
+        hint = "" if c["solved"] or tries > 1 else " (hard puzzle? try --attempts 16)"
+        print(f"\ncheck: {_verdict(c)}{hint}\n")
     if not args.json:
         print(f"[{len(puzzles)} puzzle(s) in {secs:.2f} s]", file=sys.stderr)
     return 0 if all_solved else 1
@@ -298,13 +304,23 @@ def _add_sampler_flags(p: Parser) -> None:
     g.add_argument("--entropy-bound", type=float)
     g.add_argument("--t-min", type=float)
     g.add_argument("--t-max", type=float)
+    p.add_argument("--attempts", type=int, default=1,
+                   help="denoise a puzzle again (fresh seed) while its board is not a valid solution, up to this "
+                        "many canvases; every attempt's steps are counted (default 1: the model alone)")
+
+
+def _attempts(args) -> int:
+    if args.attempts < 1:
+        raise InputError(f"--attempts must be at least 1 (got {args.attempts})")
+    return args.attempts
 
 
 def _sampler(args) -> dict:
     return {k: getattr(args, k) for k in ("entropy_bound", "t_min", "t_max") if getattr(args, k) is not None}
 
 
-def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, label="solve", sampler=None):
+def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, label="solve", sampler=None,
+                  attempts=1):
     """Solve and score; returns the evaluate() dict plus timing."""
     from .metrics import evaluate
     from .model import Solver
@@ -313,12 +329,15 @@ def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, 
     t0 = time.perf_counter()
     with _progress(len(puzzles), label, progress) as bar:
         task = bar.add_task(label, total=len(puzzles))
-        res = solver.solve(puzzles, steps, seed=seed, progress=lambda k: bar.advance(task, k), **(sampler or {}))
+        res = solver.solve(puzzles, steps, seed=seed, progress=lambda k: bar.advance(task, k), attempts=attempts,
+                           **(sampler or {}))
     secs = time.perf_counter() - t0
     report = evaluate(puzzles, res.boards, solutions, steps=res.steps)
     g = solver.generation
     cap = steps or g.max_denoising_steps
-    report.update(max_denoising_steps=cap, forwards_per_puzzle=res.forwards, seconds=round(secs, 2),
+    report.update(max_denoising_steps=cap, attempts=attempts,
+                  mean_attempts=float(np.mean(res.attempts)) if res.attempts else None,
+                  forwards_per_puzzle=res.forwards, seconds=round(secs, 2),
                   puzzles_per_second=round(len(puzzles) / secs, 2),
                   sampler={"entropy_bound": g.entropy_bound, "t_min": g.t_min, "t_max": g.t_max,
                            "stability_threshold": g.stability_threshold,
@@ -342,11 +361,12 @@ def eval_main(argv: list[str]) -> int:
     puzzles, solutions = _load_eval(args.file, args.rows)
     _threads(args.threads)
     report = run_diffusion(puzzles, solutions, args.model, args.max_denoising_steps, args.batch_size, args.seed,
-                           not args.no_progress, sampler=_sampler(args))
+                           not args.no_progress, sampler=_sampler(args), attempts=_attempts(args))
     report.update(file=str(args.file), rows=args.rows, model=str(args.model or "dgemma/assets/sudoku"),
                   labelled=solutions is not None)
+    tries = f", up to {args.attempts} attempts (mean {report['mean_attempts']:.2f})" if args.attempts > 1 else ""
     print(format_report(report, f"{args.file} (rows {args.rows or ':'}, {len(puzzles)} puzzles): max "
-                                f"{report['max_denoising_steps']} denoising steps, {report['seconds']} s"))
+                                f"{report['max_denoising_steps']} denoising steps{tries}, {report['seconds']} s"))
     if args.json_out:
         _write_json(args.json_out, report)
     return 0
@@ -379,9 +399,11 @@ def plot_sweep(sweep: list[dict], ar: dict | None, out: str, title: str) -> None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     steps = [r["max_denoising_steps"] for r in sweep]
     exact = [100 * r["overall"]["exact"] for r in sweep]
-    ax.plot(steps, exact, "o-", color="C0", label="block diffusion: exact boards")
+    tries = sweep[0].get("attempts", 1) if sweep else 1
+    method = "block diffusion" + (f" (up to {tries} attempts)" if tries > 1 else "")
+    ax.plot(steps, exact, "o-", color="C0", label=f"{method}: exact boards")
     ax.plot(steps, [100 * r["overall"]["cell_accuracy"] for r in sweep], "o:", color="C0", alpha=0.5, ms=3,
-            label="block diffusion: blank cells right")
+            label=f"{method}: blank cells right")
     for s_, e, r in zip(steps, exact, sweep):
         ax.annotate(f"{r['overall']['mean_steps']:.1f}", (s_, e), textcoords="offset points",
                     xytext=(0, -12 if e > 90 else 6), ha="center", fontsize=7, color="C0")
@@ -431,13 +453,15 @@ def bench_main(argv: list[str]) -> int:
         raise InputError(f"{ar_path}: no AR baseline model (train one with `dgemma sudoku train --ar`)")
     _threads(args.threads)
     sweep = [run_diffusion(puzzles, solutions, args.model, c, args.batch_size, args.seed, not args.no_progress,
-                           label=f"diffusion {c or ''}".strip(), sampler=_sampler(args)) for c in caps]
+                           label=f"diffusion {c or ''}".strip(), sampler=_sampler(args), attempts=_attempts(args))
+             for c in caps]
     ar = run_ar(puzzles, solutions, ar_path, args.batch_size, not args.no_progress)
     head = f"{'method':<24}{'exact':>9}{'cells':>9}{'givens':>9}{'forwards':>10}{'puzzles/s':>11}"
     lines = [f"{args.file} (rows {args.rows or ':'}, {len(puzzles)} puzzles)", head, "-" * len(head)]
     for r in sweep:
         o = r["overall"]
-        lines.append(f"{'diffusion, max ' + str(r['max_denoising_steps']):<24}{_fmt(o['exact']):>9}"
+        name = f"diffusion, max {r['max_denoising_steps']}" + (f" x{args.attempts}" if args.attempts > 1 else "")
+        lines.append(f"{name:<24}{_fmt(o['exact']):>9}"
                      f"{_fmt(o['cell_accuracy']):>9}{_fmt(o['givens_preserved']):>9}"
                      f"{r['forwards_per_puzzle']:>10.2f}{r['puzzles_per_second']:>11.2f}")
     o = ar["overall"]

@@ -3,6 +3,7 @@
     solver = Solver()                                   # the shipped model, dgemma/assets/sudoku
     result = solver.solve(puzzles, max_denoising_steps=12, seed=0)
     result.boards, result.steps                         # uint8 [n, 81], decoder forwards per puzzle
+    solver.solve(puzzles, attempts=16)                  # hard puzzles: re-denoise invalid boards, keep a valid one
 
 Diffusion runs through `dgemma.engine.Engine`: one request per puzzle (prompt `encode_prompt(puzzle)`, one 81-token
 canvas, the checkpoint's DiffusionGemma sampler), request i seeded with `seed + i`, so a puzzle's answer depends
@@ -16,7 +17,7 @@ wrote (non-digit tokens decode to 0, a blank).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .. import checkpoint
 from ..autoregressive import generate_ar
 from ..engine import Engine, EngineConfig
 from ..sampling_params import SamplingParams
+from .board import is_complete_valid, is_consistent
 from .tokens import CANVAS_LENGTH, PROMPT_LENGTH, decode_solution, encode_prompt
 
 Progress = Callable[[int], None]  # called with the number of puzzles just finished
@@ -59,8 +61,17 @@ def load(path: str | Path | None = None, device: str = "cpu") -> checkpoint.Chec
 @dataclass
 class SolveResult:
     boards: np.ndarray  # uint8 [n, 81], 0 where the model wrote no digit
-    steps: list[int]  # decoder forwards (denoising steps) per puzzle
-    forwards: float  # model forwards per puzzle, prompt prefill included
+    steps: list[int]  # decoder forwards (denoising steps) per puzzle, summed over its attempts
+    forwards: float  # model forwards per puzzle, prompt prefills included (one per attempt)
+    attempts: list[int] = field(default_factory=list)  # canvases denoised per puzzle (1 unless `attempts` > 1)
+
+
+ATTEMPT_SEED_STRIDE = 1 << 40  # attempt j of the request seeded s is seeded s + j * stride (seeds stay < 2**63)
+
+
+def solved(puzzle: np.ndarray, board: np.ndarray) -> bool:
+    """The verifier behind `attempts`: a complete, rule-abiding board that keeps every given."""
+    return is_complete_valid(board) and is_consistent(puzzle, board)
 
 
 class Solver:
@@ -77,25 +88,52 @@ class Solver:
                                 batch_invariant=batch_invariant))
 
     def solve(self, puzzles: Sequence[np.ndarray] | np.ndarray, max_denoising_steps: int | None = None,
-              seed: int = 0, progress: Progress | None = None, **sampler) -> SolveResult:
+              seed: int = 0, progress: Progress | None = None, attempts: int = 1, **sampler) -> SolveResult:
         """Denoise one canvas per puzzle; request i is seeded with `seed + i`. `sampler`: SamplingParams fields
-        overriding the checkpoint's (entropy_bound, t_min, t_max, ...)."""
-        ids = []
-        for i, p in enumerate(puzzles):
+        overriding the checkpoint's (entropy_bound, t_min, t_max, ...).
+
+        `attempts` > 1: a puzzle whose board is not a valid solution (`solved`) is denoised again from a fresh
+        random canvas, seeded `seed + i + j * ATTEMPT_SEED_STRIDE` for attempt j, until one is valid or the attempts
+        are spent (then the last board is kept). Sudoku verifies itself, so extra samples cost compute only: the
+        steps and forwards of every attempt are counted."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1 (got {attempts})")
+        n = len(puzzles)
+        boards = np.zeros((n, 81), np.uint8)
+        steps, tries = [0] * n, [0] * n
+        todo = list(range(n))
+        for j in range(attempts):
+            left = []
+
+            def finished(i: int, out) -> None:
+                boards[i] = decode_solution(out.token_ids)
+                steps[i] += out.decoder_forwards
+                tries[i] += 1
+                if j + 1 < attempts and not solved(puzzles[i], boards[i]):
+                    left.append(i)
+                elif progress is not None:
+                    progress(1)
+
+            self._denoise(todo, puzzles, seed + j * ATTEMPT_SEED_STRIDE, max_denoising_steps, sampler, finished)
+            todo = sorted(left)
+            if not todo:
+                break
+        forwards = (sum(steps) + sum(tries)) / n if n else 0.0
+        return SolveResult(boards, steps, forwards, tries)
+
+    def _denoise(self, which: list[int], puzzles, seed: int, max_denoising_steps: int | None, sampler: dict,
+                 finished: Callable[[int, object], None]) -> None:
+        """One canvas for each puzzle index in `which` (request for puzzle i seeded `seed + i`); `finished(i,
+        output)` as each request ends."""
+        index = {}
+        for i in which:
             params = SamplingParams(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=max_denoising_steps,
                                     seed=seed + i, ignore_eos=True, **sampler)
-            ids.append(self.engine.add_request(encode_prompt(p), params))
-        done = {}
+            index[self.engine.add_request(encode_prompt(puzzles[i]), params)] = i
         while self.engine.has_work():
             for ev in self.engine.step():
                 if ev.kind == "finished":
-                    done[ev.request_id] = ev.output
-                    if progress is not None:
-                        progress(1)
-        outs = [done[i] for i in ids]
-        boards = np.stack([decode_solution(o.token_ids) for o in outs]) if outs else np.zeros((0, 81), np.uint8)
-        steps = [o.decoder_forwards for o in outs]
-        return SolveResult(boards, steps, 1.0 + float(np.mean(steps)) if steps else 0.0)
+                    finished(index[ev.request_id], ev.output)
 
 
 def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64,
@@ -112,4 +150,4 @@ def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int 
         if progress is not None:
             progress(len(chunk))
     arr = np.stack(boards) if boards else np.zeros((0, 81), np.uint8)
-    return SolveResult(arr, [0] * len(boards), float(np.mean(forwards)) if forwards else 0.0)
+    return SolveResult(arr, [0] * len(boards), float(np.mean(forwards)) if forwards else 0.0, [1] * len(boards))
