@@ -163,6 +163,23 @@ def test_attempts_redenoise_invalid_boards_with_fresh_seeds(tiny, monkeypatch):
         solver.solve(puzzles, 3, attempts=0)
 
 
+def test_ar_baseline_retries_are_sampled_and_counted(tiny):
+    from dgemma.autoregressive import generate_ar
+    from dgemma.sudoku import model as solver_module
+    from dgemma.sudoku.tokens import decode_solution, encode_prompt
+
+    puzzles = np.stack([parse_board(p) for p in (P1, P2)])
+    model = checkpoint.load(tiny).model
+    greedy = solver_module.solve_ar(model, puzzles)
+    res = solver_module.solve_ar(model, puzzles, attempts=2, seed=4, batch_size=1)
+    assert greedy.attempts == [1, 1] and greedy.forwards == 81
+    assert res.attempts == [2, 2] and res.forwards == 162
+    stride = solver_module.ATTEMPT_SEED_STRIDE
+    outs, _ = generate_ar(model, [encode_prompt(p) for p in puzzles], 81, temperature=1.0,
+                          seeds=[4 + stride, 5 + stride])
+    assert np.array_equal(res.boards, np.stack([decode_solution(o) for o in outs]))
+
+
 def test_eval_and_solve_take_attempts(tiny, data, capsys, tmp_path):
     rc, out, _ = run(["eval", str(data / "e.csv"), "--rows", ":2", "--model", str(tiny), "--max-denoising-steps",
                       "2", "--attempts", "2", "--json", str(tmp_path / "r.json"), "--no-progress"], capsys)

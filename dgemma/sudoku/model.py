@@ -67,6 +67,7 @@ class SolveResult:
 
 
 ATTEMPT_SEED_STRIDE = 1 << 40  # attempt j of the request seeded s is seeded s + j * stride (seeds stay < 2**63)
+AR_RETRY_TEMPERATURE = 1.0  # the AR baseline's retries sample its own distribution (its first attempt is greedy)
 
 
 def solved(puzzle: np.ndarray, board: np.ndarray) -> bool:
@@ -137,17 +138,37 @@ class Solver:
 
 
 def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64,
-             progress: Progress | None = None) -> SolveResult:
-    """The AR baseline: greedy next-token decoding with the encoder, cell by cell (81 forwards per batch)."""
+             progress: Progress | None = None, attempts: int = 1, seed: int = 0,
+             temperature: float = AR_RETRY_TEMPERATURE) -> SolveResult:
+    """The AR baseline: greedy next-token decoding with the encoder, cell by cell (81 forwards per board).
+
+    `attempts` > 1 gives it the diffusion solver's budget of verified retries: a board that is not a valid
+    solution is decoded again, sampled at `temperature` (attempt j of puzzle i seeded `seed + i + j * stride`),
+    until one verifies or the attempts are spent; every attempt's forwards are counted."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1 (got {attempts})")
     if isinstance(model, (str, Path)):
         model = load(model).model
-    boards, forwards = [], []
-    for start in range(0, len(puzzles), batch_size):
-        chunk = puzzles[start:start + batch_size]
-        outs, n = generate_ar(model, [encode_prompt(p) for p in chunk], CANVAS_LENGTH)
-        boards += [decode_solution(o) for o in outs]
-        forwards += [n] * len(chunk)
-        if progress is not None:
-            progress(len(chunk))
-    arr = np.stack(boards) if boards else np.zeros((0, 81), np.uint8)
-    return SolveResult(arr, [0] * len(boards), float(np.mean(forwards)) if forwards else 0.0, [1] * len(boards))
+    n = len(puzzles)
+    boards = np.zeros((n, 81), np.uint8)
+    forwards, tries = [0] * n, [0] * n
+    todo = list(range(n))
+    for j in range(attempts):
+        left = []
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            outs, fw = generate_ar(model, [encode_prompt(puzzles[i]) for i in idx], CANVAS_LENGTH,
+                                   temperature=0.0 if j == 0 else temperature,
+                                   seeds=[seed + i + j * ATTEMPT_SEED_STRIDE for i in idx])
+            for i, o in zip(idx, outs):
+                boards[i] = decode_solution(o)
+                forwards[i] += fw
+                tries[i] += 1
+                if j + 1 < attempts and not solved(puzzles[i], boards[i]):
+                    left.append(i)
+                elif progress is not None:
+                    progress(1)
+        todo = left
+        if not todo:
+            break
+    return SolveResult(boards, [0] * n, float(np.mean(forwards)) if n else 0.0, tries)
