@@ -141,24 +141,27 @@ def test_answers_depend_on_seed_not_on_batch(tiny):
 
 
 def test_attempts_redenoise_invalid_boards_with_fresh_seeds(tiny, monkeypatch):
-    """A board that is not a valid solution is denoised again, seeded seed + i + j * stride; the last board is kept
-    and every attempt's steps are counted. A puzzle whose board verifies stops there."""
+    """A board that is not a valid solution is denoised again with a fresh seed; the last board is kept and every
+    attempt's steps are counted. A puzzle whose board verifies stops there."""
     from dgemma.sudoku import model as solver_module
 
     puzzles = np.stack([parse_board(p) for p in (P1, P2)])
     solver = Solver(tiny, batch_size=2)
-    stride = solver_module.ATTEMPT_SEED_STRIDE
-    single = [solver.solve(puzzles, 3, seed=5 + j * stride) for j in range(3)]
+    seeds = [[solver_module.attempt_seed(5 + i, j) for i in range(2)] for j in range(3)]
+    assert seeds[0] == [5, 6] and len({s & 0xFFFFFFFF for row in seeds for s in row}) == 6  # CPU generators: 32 bits
+    single = [[solver.solve(puzzles[i:i + 1], 3, seed=seeds[j][i]) for i in range(2)] for j in range(3)]
+    single = [(np.concatenate([a.boards, b.boards]), a.steps + b.steps) for a, b in single]
+    assert not np.array_equal(single[0][0], single[1][0])  # a retry is a different sample, not a replay
     res = solver.solve(puzzles, 3, seed=5, attempts=3)
     assert res.attempts == [3, 3]  # a random model never writes a valid board
-    assert np.array_equal(res.boards, single[2].boards)
-    assert res.steps == [sum(r.steps[i] for r in single) for i in range(2)]
+    assert np.array_equal(res.boards, single[2][0])
+    assert res.steps == [sum(r[1][i] for r in single) for i in range(2)]
     assert res.forwards == pytest.approx((sum(res.steps) + 6) / 2)
 
-    first = single[0].boards[1]  # pretend the model's first board for P2 verifies
+    first = single[0][0][1]  # pretend the model's first board for P2 verifies
     monkeypatch.setattr(solver_module, "solved", lambda p, b: np.array_equal(b, first))
     res = solver.solve(puzzles, 3, seed=5, attempts=3)
-    assert res.attempts == [3, 1] and np.array_equal(res.boards[1], first) and res.steps[1] == single[0].steps[1]
+    assert res.attempts == [3, 1] and np.array_equal(res.boards[1], first) and res.steps[1] == single[0][1][1]
     with pytest.raises(ValueError, match="attempts"):
         solver.solve(puzzles, 3, attempts=0)
 
@@ -174,9 +177,8 @@ def test_ar_baseline_retries_are_sampled_and_counted(tiny):
     res = solver_module.solve_ar(model, puzzles, attempts=2, seed=4, batch_size=1)
     assert greedy.attempts == [1, 1] and greedy.forwards == 81
     assert res.attempts == [2, 2] and res.forwards == 162
-    stride = solver_module.ATTEMPT_SEED_STRIDE
     outs, _ = generate_ar(model, [encode_prompt(p) for p in puzzles], 81, temperature=1.0,
-                          seeds=[4 + stride, 5 + stride])
+                          seeds=[solver_module.attempt_seed(4, 1), solver_module.attempt_seed(5, 1)])
     assert np.array_equal(res.boards, np.stack([decode_solution(o) for o in outs]))
 
 

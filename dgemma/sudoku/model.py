@@ -66,7 +66,13 @@ class SolveResult:
     attempts: list[int] = field(default_factory=list)  # canvases denoised per puzzle (1 unless `attempts` > 1)
 
 
-ATTEMPT_SEED_STRIDE = 1 << 40  # attempt j of the request seeded s is seeded s + j * stride (seeds stay < 2**63)
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of retry `attempt` (0 = the first try, seeded `seed` itself) of a request seeded `seed`. The odd
+    multiplier changes the low 32 bits, the only ones a CPU `torch.Generator` uses, for every attempt < 2**32."""
+    return (seed + attempt * 0x9E3779B97F4A7C15) % 2**63
+
 AR_RETRY_TEMPERATURE = 1.0  # the AR baseline's retries sample its own distribution (its first attempt is greedy)
 
 
@@ -94,7 +100,7 @@ class Solver:
         overriding the checkpoint's (entropy_bound, t_min, t_max, ...).
 
         `attempts` > 1: a puzzle whose board is not a valid solution (`solved`) is denoised again from a fresh
-        random canvas, seeded `seed + i + j * ATTEMPT_SEED_STRIDE` for attempt j, until one is valid or the attempts
+        random canvas, seeded `attempt_seed(seed + i, j)` for attempt j, until one is valid or the attempts
         are spent (then the last board is kept). Sudoku verifies itself, so extra samples cost compute only: the
         steps and forwards of every attempt are counted."""
         if attempts < 1:
@@ -115,21 +121,21 @@ class Solver:
                 elif progress is not None:
                     progress(1)
 
-            self._denoise(todo, puzzles, seed + j * ATTEMPT_SEED_STRIDE, max_denoising_steps, sampler, finished)
+            self._denoise(todo, puzzles, [attempt_seed(seed + i, j) for i in todo], max_denoising_steps, sampler,
+                          finished)
             todo = sorted(left)
             if not todo:
                 break
         forwards = (sum(steps) + sum(tries)) / n if n else 0.0
         return SolveResult(boards, steps, forwards, tries)
 
-    def _denoise(self, which: list[int], puzzles, seed: int, max_denoising_steps: int | None, sampler: dict,
+    def _denoise(self, which: list[int], puzzles, seeds: list[int], max_denoising_steps: int | None, sampler: dict,
                  finished: Callable[[int, object], None]) -> None:
-        """One canvas for each puzzle index in `which` (request for puzzle i seeded `seed + i`); `finished(i,
-        output)` as each request ends."""
+        """One canvas for each puzzle index in `which`, seeded with `seeds`; `finished(i, output)` as each ends."""
         index = {}
-        for i in which:
+        for i, seed in zip(which, seeds):
             params = SamplingParams(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=max_denoising_steps,
-                                    seed=seed + i, ignore_eos=True, **sampler)
+                                    seed=seed, ignore_eos=True, **sampler)
             index[self.engine.add_request(encode_prompt(puzzles[i]), params)] = i
         while self.engine.has_work():
             for ev in self.engine.step():
@@ -143,7 +149,7 @@ def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int 
     """The AR baseline: greedy next-token decoding with the encoder, cell by cell (81 forwards per board).
 
     `attempts` > 1 gives it the diffusion solver's budget of verified retries: a board that is not a valid
-    solution is decoded again, sampled at `temperature` (attempt j of puzzle i seeded `seed + i + j * stride`),
+    solution is decoded again, sampled at `temperature` (attempt j of puzzle i seeded `attempt_seed(seed + i, j)`),
     until one verifies or the attempts are spent; every attempt's forwards are counted."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1 (got {attempts})")
@@ -159,7 +165,7 @@ def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int 
             idx = todo[start:start + batch_size]
             outs, fw = generate_ar(model, [encode_prompt(puzzles[i]) for i in idx], CANVAS_LENGTH,
                                    temperature=0.0 if j == 0 else temperature,
-                                   seeds=[seed + i + j * ATTEMPT_SEED_STRIDE for i in idx])
+                                   seeds=[attempt_seed(seed + i, j) for i in idx])
             for i, o in zip(idx, outs):
                 boards[i] = decode_solution(o)
                 forwards[i] += fw
