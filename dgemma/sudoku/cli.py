@@ -213,10 +213,9 @@ def solve_main(argv: list[str]) -> int:
     p.add_argument("--model", help="solver folder (default: the shipped dgemma/assets/sudoku)")
     p.add_argument("--max-denoising-steps", type=int, default=None, help="default: the model's (12)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attempts", type=int, default=1,
-                   help="denoise again (fresh seed) while the board is not a valid solution, up to this many canvases")
     p.add_argument("--json", action="store_true", help="one JSON object per puzzle")
     p.add_argument("--threads", type=int, default=1)
+    _add_decoding_flags(p)
     args = p.parse_args(argv)
     attempts = _attempts(args)
     puzzles = _read_puzzles(args.puzzle)
@@ -230,7 +229,8 @@ def solve_main(argv: list[str]) -> int:
 
     solver = Solver(args.model, batch_size=min(64, len(puzzles)))
     t0 = time.perf_counter()
-    res = solver.solve([pz for _, pz in puzzles], args.max_denoising_steps, seed=args.seed, attempts=attempts)
+    res = solver.solve([pz for _, pz in puzzles], args.max_denoising_steps, seed=args.seed, attempts=attempts,
+                       **_sampler(args))
     secs = time.perf_counter() - t0
     cap = args.max_denoising_steps or solver.generation.max_denoising_steps
     all_solved = True
@@ -299,7 +299,7 @@ def format_report(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def _add_sampler_flags(p: Parser) -> None:
+def _add_decoding_flags(p: Parser) -> None:
     g = p.add_argument_group("sampler overrides (default: the model's generation_config.json)")
     g.add_argument("--entropy-bound", type=float)
     g.add_argument("--t-min", type=float)
@@ -356,7 +356,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
-    _add_sampler_flags(p)
+    _add_decoding_flags(p)
     args = p.parse_args(argv)
     puzzles, solutions = _load_eval(args.file, args.rows)
     _threads(args.threads)
@@ -441,7 +441,7 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--plot", metavar="PNG", help="accuracy vs max denoising steps, AR as a line (needs matplotlib)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
-    _add_sampler_flags(p)
+    _add_decoding_flags(p)
     args = p.parse_args(argv)
     from .model import AR_RETRY_TEMPERATURE, default_ar_model_path
 
