@@ -48,9 +48,9 @@ rm -rf dgemma/assets/sudoku dgemma/assets/sudoku_ar
 cp -r $OUT/diffusion/final dgemma/assets/sudoku
 cp -r $OUT/ar/final dgemma/assets/sudoku_ar
 
-# 4. Evaluations (docs/sudoku.md): SATNet test split (last 1,000 rows), RRN hard set (the first 100 rows of each number of givens;
-#    the file holds 1,000 of each, shuffled), alone and with up to 16 and 32 verified attempts, the diffusion-vs-AR sweep
-#    with its plot, and diffusion vs AR on the hard set (20 rows per number of givens) with 1 and 16 attempts.
+# 4. Evaluations (docs/sudoku.md): SATNet test split (last 1,000 rows); RRN hard set (the first 100 rows of each
+#    number of givens; the file holds 1,000 of each, shuffled) alone and with up to 16 and 32 verified attempts; the
+#    diffusion-vs-AR sweep with its plot; diffusion vs AR on the hard set (20 rows per givens), 1 and 16 attempts.
 $DGEMMA sudoku eval $DATA/satnet_10k.csv --rows -1000: --json $OUT/eval_satnet.json --no-progress
 RRN_ROWS=$OUT/rrn_100_per_givens.csv
 awk -F, '{ p = $1; n = gsub(/[1-9]/, "", p); if (count[n]++ < 100) print }' $DATA/rrn_test_18k.csv > $RRN_ROWS
