@@ -66,12 +66,11 @@ class SolveResult:
     attempts: list[int] = field(default_factory=list)  # canvases denoised per puzzle (1 unless `attempts` > 1)
 
 
-
-
 def attempt_seed(seed: int, attempt: int) -> int:
     """The seed of retry `attempt` (0 = the first try, seeded `seed` itself) of a request seeded `seed`. The odd
     multiplier changes the low 32 bits, the only ones a CPU `torch.Generator` uses, for every attempt < 2**32."""
     return (seed + attempt * 0x9E3779B97F4A7C15) % 2**63
+
 
 AR_RETRY_TEMPERATURE = 1.0  # the AR baseline's retries sample its own distribution (its first attempt is greedy)
 
@@ -79,6 +78,35 @@ AR_RETRY_TEMPERATURE = 1.0  # the AR baseline's retries sample its own distribut
 def solved(puzzle: np.ndarray, board: np.ndarray) -> bool:
     """The verifier behind `attempts`: a complete, rule-abiding board that keeps every given."""
     return is_complete_valid(board) and is_consistent(puzzle, board)
+
+
+def retry_until_solved(puzzles, attempts: int, run_round: Callable, progress: Progress | None) -> tuple:
+    """The attempts loop shared by both solvers. `run_round(todo, j, finished)` produces attempt j for the puzzle
+    indices `todo` and calls `finished(i, board, forwards)` for each; a puzzle whose board is not `solved` goes to
+    the next round while attempts remain. Returns (boards [n, 81], forwards per puzzle, attempts per puzzle)."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1 (got {attempts})")
+    n = len(puzzles)
+    boards = np.zeros((n, 81), np.uint8)
+    forwards, tries = [0] * n, [0] * n
+    todo = list(range(n))
+    for j in range(attempts):
+        left = []
+
+        def finished(i: int, board: np.ndarray, cost: int) -> None:
+            boards[i] = board
+            forwards[i] += cost
+            tries[i] += 1
+            if j + 1 < attempts and not solved(puzzles[i], board):
+                left.append(i)
+            elif progress is not None:
+                progress(1)
+
+        run_round(todo, j, finished)
+        todo = sorted(left)
+        if not todo:
+            break
+    return boards, forwards, tries
 
 
 class Solver:
@@ -103,31 +131,16 @@ class Solver:
         random canvas, seeded `attempt_seed(seed + i, j)` for attempt j, until one is valid or the attempts
         are spent (then the last board is kept). Sudoku verifies itself, so extra samples cost compute only: the
         steps and forwards of every attempt are counted."""
-        if attempts < 1:
-            raise ValueError(f"attempts must be >= 1 (got {attempts})")
-        n = len(puzzles)
-        boards = np.zeros((n, 81), np.uint8)
-        steps, tries = [0] * n, [0] * n
-        todo = list(range(n))
-        for j in range(attempts):
-            left = []
+        steps: list[int] = [0] * len(puzzles)
 
-            def finished(i: int, out) -> None:
-                boards[i] = decode_solution(out.token_ids)
+        def run_round(todo, j, finished):
+            def done(i, out):
                 steps[i] += out.decoder_forwards
-                tries[i] += 1
-                if j + 1 < attempts and not solved(puzzles[i], boards[i]):
-                    left.append(i)
-                elif progress is not None:
-                    progress(1)
+                finished(i, decode_solution(out.token_ids), out.decoder_forwards + 1)  # + 1: the prompt prefill
+            self._denoise(todo, puzzles, [attempt_seed(seed + i, j) for i in todo], max_denoising_steps, sampler, done)
 
-            self._denoise(todo, puzzles, [attempt_seed(seed + i, j) for i in todo], max_denoising_steps, sampler,
-                          finished)
-            todo = sorted(left)
-            if not todo:
-                break
-        forwards = (sum(steps) + sum(tries)) / n if n else 0.0
-        return SolveResult(boards, steps, forwards, tries)
+        boards, forwards, tries = retry_until_solved(puzzles, attempts, run_round, progress)
+        return SolveResult(boards, steps, float(np.mean(forwards)) if forwards else 0.0, tries)
 
     def _denoise(self, which: list[int], puzzles, seeds: list[int], max_denoising_steps: int | None, sampler: dict,
                  finished: Callable[[int, object], None]) -> None:
@@ -151,30 +164,17 @@ def solve_ar(model, puzzles: Sequence[np.ndarray] | np.ndarray, batch_size: int 
     `attempts` > 1 gives it the diffusion solver's budget of verified retries: a board that is not a valid
     solution is decoded again, sampled at `temperature` (attempt j of puzzle i seeded `attempt_seed(seed + i, j)`),
     until one verifies or the attempts are spent; every attempt's forwards are counted."""
-    if attempts < 1:
-        raise ValueError(f"attempts must be >= 1 (got {attempts})")
     if isinstance(model, (str, Path)):
         model = load(model).model
-    n = len(puzzles)
-    boards = np.zeros((n, 81), np.uint8)
-    forwards, tries = [0] * n, [0] * n
-    todo = list(range(n))
-    for j in range(attempts):
-        left = []
+
+    def run_round(todo, j, finished):
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
             outs, fw = generate_ar(model, [encode_prompt(puzzles[i]) for i in idx], CANVAS_LENGTH,
                                    temperature=0.0 if j == 0 else temperature,
                                    seeds=[attempt_seed(seed + i, j) for i in idx])
             for i, o in zip(idx, outs):
-                boards[i] = decode_solution(o)
-                forwards[i] += fw
-                tries[i] += 1
-                if j + 1 < attempts and not solved(puzzles[i], boards[i]):
-                    left.append(i)
-                elif progress is not None:
-                    progress(1)
-        todo = left
-        if not todo:
-            break
-    return SolveResult(boards, [0] * n, float(np.mean(forwards)) if n else 0.0, tries)
+                finished(i, decode_solution(o), fw)
+
+    boards, forwards, tries = retry_until_solved(puzzles, attempts, run_round, progress)
+    return SolveResult(boards, [0] * len(puzzles), float(np.mean(forwards)) if forwards else 0.0, tries)
