@@ -159,7 +159,7 @@ def test_attempts_redenoise_invalid_boards_with_fresh_seeds(tiny, monkeypatch):
     assert res.forwards == pytest.approx((sum(res.steps) + 6) / 2)
 
     first = single[0][0][1]  # pretend the model's first board for P2 verifies
-    monkeypatch.setattr(solver_module, "solved", lambda p, b: np.array_equal(b, first))
+    monkeypatch.setattr(solver_module, "is_solution", lambda p, b: np.array_equal(b, first))
     res = solver.solve(puzzles, 3, seed=5, attempts=3)
     assert res.attempts == [3, 1] and np.array_equal(res.boards[1], first) and res.steps[1] == single[0][1][1]
     with pytest.raises(ValueError, match="attempts"):

@@ -17,6 +17,7 @@ from .board import (
     is_complete_valid,
     is_consistent,
     is_contradictory,
+    is_solution,
     parse_board,
     pretty_board,
     random_full_grid,
@@ -49,7 +50,7 @@ __all__ = [
     "conflict_free_cells", "count_solutions", "decode_solution", "encode_prompt",
     "encode_prompts", "encode_solution", "encode_solutions", "evaluate", "format_board",
     "generate_puzzle", "givens_conflict", "has_unique_solution", "is_complete_valid",
-    "is_consistent", "is_contradictory", "load_puzzles", "parse_board", "parse_row_selector",
+    "is_consistent", "is_contradictory", "is_solution", "load_puzzles", "parse_board", "parse_row_selector",
     "pretty_board", "random_full_grid", "random_symmetry", "score_puzzle", "solve",
     "token_string", "training_batch", "training_examples",
 ]

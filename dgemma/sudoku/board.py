@@ -241,6 +241,11 @@ def is_consistent(puzzle: np.ndarray, grid: np.ndarray) -> bool:
     return bool(np.all((p == 0) | (p == g)))
 
 
+def is_solution(puzzle: np.ndarray, grid: np.ndarray) -> bool:
+    """True if ``grid`` solves ``puzzle``: complete, rule-abiding, and keeping every given."""
+    return is_complete_valid(grid) and is_consistent(puzzle, grid)
+
+
 # -------------------------------------------------------------------- generators
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .board import is_complete_valid, is_consistent
+from .board import is_consistent, is_solution
 
 BUCKETS = ("easy", "medium", "hard")
 
@@ -61,7 +61,7 @@ def score_puzzle(puzzle: np.ndarray, prediction: np.ndarray, solution: np.ndarra
         exact = bool(np.array_equal(pred, sol))
         correct = int(np.sum(pred[blanks] == sol[blanks]))
     else:
-        exact = is_complete_valid(pred) and is_consistent(p, pred)
+        exact = is_solution(p, pred)
         correct = int(np.sum(conflict_free_cells(pred)[blanks]))
     return {
         "exact": exact,

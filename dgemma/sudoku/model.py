@@ -27,7 +27,7 @@ from .. import checkpoint
 from ..autoregressive import generate_ar
 from ..engine import Engine, EngineConfig
 from ..sampling_params import SamplingParams
-from .board import is_complete_valid, is_consistent
+from .board import is_solution
 from .tokens import CANVAS_LENGTH, PROMPT_LENGTH, decode_solution, encode_prompt
 
 Progress = Callable[[int], None]  # called with the number of puzzles just finished
@@ -75,15 +75,10 @@ def attempt_seed(seed: int, attempt: int) -> int:
 AR_RETRY_TEMPERATURE = 1.0  # the AR baseline's retries sample its own distribution (its first attempt is greedy)
 
 
-def solved(puzzle: np.ndarray, board: np.ndarray) -> bool:
-    """The verifier behind `attempts`: a complete, rule-abiding board that keeps every given."""
-    return is_complete_valid(board) and is_consistent(puzzle, board)
-
-
 def retry_until_solved(puzzles, attempts: int, run_round: Callable, progress: Progress | None) -> tuple:
     """The attempts loop shared by both solvers. `run_round(todo, j, finished)` produces attempt j for the puzzle
-    indices `todo` and calls `finished(i, board, forwards)` for each; a puzzle whose board is not `solved` goes to
-    the next round while attempts remain. Returns (boards [n, 81], forwards per puzzle, attempts per puzzle)."""
+    indices `todo` and calls `finished(i, board, forwards)` for each; a puzzle whose board fails `is_solution` goes
+    to the next round while attempts remain. Returns (boards [n, 81], forwards per puzzle, attempts per puzzle)."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1 (got {attempts})")
     n = len(puzzles)
@@ -97,7 +92,7 @@ def retry_until_solved(puzzles, attempts: int, run_round: Callable, progress: Pr
             boards[i] = board
             forwards[i] += cost
             tries[i] += 1
-            if j + 1 < attempts and not solved(puzzles[i], board):
+            if j + 1 < attempts and not is_solution(puzzles[i], board):
                 left.append(i)
             elif progress is not None:
                 progress(1)
@@ -127,7 +122,7 @@ class Solver:
         """Denoise one canvas per puzzle; request i is seeded with `seed + i`. `sampler`: SamplingParams fields
         overriding the checkpoint's (entropy_bound, t_min, t_max, ...).
 
-        `attempts` > 1: a puzzle whose board is not a valid solution (`solved`) is denoised again from a fresh
+        `attempts` > 1: a puzzle whose board is not a valid solution (`is_solution`) is denoised again from a fresh
         random canvas, seeded `attempt_seed(seed + i, j)` for attempt j, until one is valid or the attempts
         are spent (then the last board is kept). Sudoku verifies itself, so extra samples cost compute only: the
         steps and forwards of every attempt are counted."""
