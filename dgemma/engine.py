@@ -6,10 +6,24 @@ and a `DecodeSegment` for every row that denoises, and runs them in ONE model fo
 between steps (continuous batching).
 
 Hot-path state lives in slot-indexed tensors (canvas, previous argmax, stable run, steps left, self-conditioning
-embeddings); per-request Python objects hold only what is per canvas (output ids, counters, the random generator).
-Each request draws from its own `torch.Generator`, so its output depends on its prompt, parameters and seed only,
-never on its batch mates. Logits are produced and sampled in row chunks so that at most a bounded slab of
+embeddings, sampler parameters, seeds and draw counters); per-request Python objects hold only what is per canvas
+(output ids, counters). Logits are produced and sampled in row chunks so that at most a bounded slab of
 [rows, canvas, vocab] fp32 exists at a time.
+
+Two modes, one loop (`EngineConfig.batch_invariant`):
+
+- **exact** (the CPU default): batch-invariant kernels, per-row attention over exactly a row's keys, one
+  `torch.Generator` per request. Token-identical to transformers given the same draws, and a request's tokens never
+  depend on its batch mates, bit for bit.
+- **fast** (the CUDA default): the denoising step is one fixed-shape function of device state (`_fast_step`): it
+  decodes the slots [0, B) for a bucketed B, reads the KV cache in place (`kv_cache.CanvasSegment`), runs the MoE as
+  grouped GEMMs, samples with counter-based draws (`draws.py`) and updates the state in place, with no host sync;
+  the host reads back one small packed tensor per step (argmax, accepted mask, done flag, mean entropy). It compiles
+  with `torch.compile(fullgraph=True)` and, on CUDA, replays as CUDA graphs per (B, key-length) bucket
+  (`EngineConfig.compile`). What it promises: a request's output depends only on its prompt, parameters and seed
+  (its draws are its own, keyed by seed and draw number) and is reproducible run to run on the same machine and
+  batch shape; its logits follow transformers' to fp32 rounding (1e-4), but plain GEMMs may round differently with
+  the batch size, so a near-tie can resolve differently when batch mates change.
 """
 
 from __future__ import annotations
@@ -25,7 +39,9 @@ from . import batch_invariant, sampler
 from .kv_cache import DecodeSegment, EncodeSegment, KVCache
 from .model import DiffusionGemma
 from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
-from .sampling_params import DenoiseSettings, SamplingParams
+from .draws import CounterDraws, seed_keys
+from .kv_cache import CanvasSegment, key_bucket
+from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -34,13 +50,16 @@ class EngineConfig:
     max_model_len: int = 4096  # prompt + output tokens per request
     prefill_chunk: int = 2048  # prompt tokens encoded per request per step
     logits_budget_bytes: int = 512 * 2**20  # fp32 [rows, canvas, vocab] slab sampled at once
-    batch_invariant: bool = True  # a request's tokens never depend on its batch mates (see batch_invariant.py)
+    batch_invariant: bool = True  # exact mode: a request's tokens never depend on its batch mates (module doc)
     keep_traces: bool = True  # False: "draft" events are emitted but not kept in RequestOutput.trace (servers)
+    compile: bool | None = None  # fast mode: torch.compile the step (None: on CUDA only, with CUDA graphs)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"EngineConfig.batch_invariant must be a bool, got {self.batch_invariant!r}")
 
 
 class PromptTooLongError(ValueError):
@@ -56,6 +75,7 @@ class Sequence:
     params: SamplingParams
     settings: DenoiseSettings
     generator: torch.Generator
+    seed: int
     max_new_tokens: int
     stop_ids: frozenset[int]
     slot: int = -1
@@ -83,7 +103,8 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                              f"{text.max_position_embeddings}")
         dev, S, C = model.device, config.max_num_seqs, self.C
-        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev)
+        # The scratch tail holds the canvas K/V of the fast decode (read in place, never committed).
+        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C)
         self.tile = min(max(C, 32), 256)  # fixed kernel tile of the batch-invariant mode (see batch_invariant.py)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)  # [slots, C] decoder input
         self.prev_argmax = torch.full((S, C), -1, dtype=torch.long, device=dev)  # [slots, C]
@@ -91,6 +112,12 @@ class Engine:
         self.steps_left = torch.zeros(S, dtype=torch.int32, device=dev)  # [slots] n: N..1
         self.sc = torch.zeros(S, C, text.hidden_size, dtype=model.dtype, device=dev)  # [slots, C, H]
         self.has_sc = torch.zeros(S, dtype=torch.bool)  # [slots] False on a canvas's first step
+        # Fast mode: per-slot sampler parameters, seeds and draw counters, written once per request or canvas.
+        self.denoising = torch.zeros(S, dtype=torch.bool, device=dev)  # [slots] the slot's canvas is live
+        self.seed_keys = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws.seed_keys of the seed
+        self.draw_count = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws made so far
+        self.row_params = sampler.RowParams.from_settings([RELEASED_DEFAULTS] * S, device=dev)
+        self._compiled = None
         self.slots: list[Sequence | None] = [None] * S
         self.waiting: deque[Sequence] = deque()
         self._ids = itertools.count()
@@ -116,7 +143,7 @@ class Engine:
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(rid, prompt, params, settings, gen, max_new, stop_ids)
+        seq = Sequence(rid, prompt, params, settings, gen, seed, max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
@@ -161,10 +188,15 @@ class Engine:
             enc_seg = EncodeSegment(self.cache, ids.to(self.model.device), [s.slot for s in enc],
                                     [len(c) for c in chunks])
             segments.append(enc_seg)
+        if dec and not self.cfg.batch_invariant:
+            events += self._denoise_fast(dec)  # before the encode rows: they start canvases after it
+            dec = []
         if dec:
             slots = torch.tensor([s.slot for s in dec], device=self.model.device)
             sc = self.sc[slots] if bool(self.has_sc[slots.cpu()].any()) else None
             segments.append(DecodeSegment(self.cache, self.canvas[slots], slots.cpu(), sc))
+        if not segments:
+            return events
         with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
             hidden = self.model(segments)
             self.stats["forwards"] += 1
@@ -189,12 +221,29 @@ class Engine:
             seq.slot = self.slots.index(None)
             self.cache.reset(seq.slot)
             self.slots[seq.slot] = seq
+            if not self.cfg.batch_invariant:
+                self._set_row_params(seq)
             admitted.append(seq)
         return admitted
 
+    def _set_row_params(self, seq: Sequence) -> None:
+        """Write a request's sampler parameters and seed into its slot's rows (once per request, not per step)."""
+        one = sampler.RowParams.from_settings([seq.settings], device=self.model.device)
+        for name, value in vars(one).items():
+            if isinstance(value, torch.Tensor):
+                getattr(self.row_params, name)[seq.slot] = value[0]
+        self.seed_keys[seq.slot] = seed_keys(torch.tensor(seq.seed, dtype=torch.int64))
+        self.draw_count[seq.slot] = 0
+
     def _start_canvas(self, s: Sequence) -> None:
         slot = s.slot
-        self.canvas[slot] = sampler.PerRequestDraws([s.generator], self.model.device).initial_canvas(self.C, self.V)[0]
+        if self.cfg.batch_invariant:
+            draws = sampler.PerRequestDraws([s.generator], self.model.device)
+        else:  # counter-based: the slot's next draw number, then one more drawn
+            draws = CounterDraws(self.seed_keys[slot:slot + 1], self.draw_count[slot:slot + 1])
+            self.draw_count[slot] += 1
+            self.denoising[slot] = True
+        self.canvas[slot] = draws.initial_canvas(self.C, self.V)[0]
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
         self.steps_left[slot] = s.settings.max_denoising_steps
@@ -237,6 +286,97 @@ class Engine:
                 if done[i]:
                     events += self._commit(s, res.argmax[i].tolist())
         return events
+
+    # -- the fast step -------------------------------------------------------------------------------------------
+    def _batch_bucket(self, n: int) -> int:
+        """Rows of the fast decode: the next power of two >= n, at most max_num_seqs (few distinct shapes)."""
+        return min(1 << (n - 1).bit_length(), self.cfg.max_num_seqs)
+
+    def _denoise_fast(self, dec: list[Sequence]) -> list[StreamEvent]:
+        """One denoising step of every live canvas, as one fixed-shape device function and one small read-back."""
+        b = self._batch_bucket(max(s.slot for s in dec) + 1)
+        lengths = self.cache.host_lengths
+        key_lens = tuple((size, key_bucket(max(min(lengths[s.slot], size) for s in dec) + self.C))
+                         for size in sorted(set(self.cache.kept_size)))
+        max_top_k = max(s.settings.top_k for s in dec)
+        use_top_p = any(s.settings.top_p < 1 for s in dec)
+        step = self._fast_step
+        if self.cfg.compile or (self.cfg.compile is None and self.model.device.type == "cuda"):
+            step = self._compiled_step()
+        packed = step(b, key_lens, max_top_k, use_top_p).tolist()  # the step's only host sync
+        self.stats["forwards"] += 1
+        events = []
+        C = self.C
+        for s in dec:
+            row = packed[s.slot]
+            argmax = [int(t) for t in row[:C]]
+            s.canvas_steps += 1
+            s.out.decoder_forwards += 1
+            self.stats["decoder_forwards"] += 1
+            if s.params.trace:
+                t = StepTrace(len(s.out.canvases), s.canvas_steps, argmax, [bool(a) for a in row[C:2 * C]],
+                              row[2 * C + 1])
+                if self.cfg.keep_traces:
+                    s.out.trace.append(t)
+                events.append(StreamEvent(s.id, "draft", draft=t))
+            if row[2 * C]:
+                events += self._commit(s, argmax)
+        return events
+
+    def _compiled_step(self):
+        if self._compiled is None:
+            cuda = self.model.device.type == "cuda"
+            for t in [self.canvas, self.prev_argmax, self.stable_run, self.steps_left, self.sc, self.denoising,
+                      self.seed_keys, self.draw_count, self.cache.dev_lengths, *self.cache.k, *self.cache.v,
+                      *[v for v in vars(self.row_params).values() if isinstance(v, torch.Tensor)]]:
+                torch._dynamo.mark_static_address(t)
+            self._compiled = torch.compile(self._fast_step, fullgraph=True, dynamic=False,
+                                           mode="reduce-overhead" if cuda else None)
+        return self._compiled
+
+    def _fast_step(self, b: int, key_lens: tuple[tuple[int, int], ...], max_top_k: int,
+                   use_top_p: bool) -> torch.Tensor:
+        """Decode slots [0, b), sample, and update their state in place where the slot is denoising.
+
+        Returns [b, 2C + 2] float64: argmax canvas, accepted mask, done flag, mean entropy (one read-back)."""
+        C, V = self.C, self.V
+        model = self.model
+        seg = CanvasSegment(self.cache, self.canvas[:b], self.cache.dev_lengths[:b], self.sc[:b], dict(key_lens),
+                            model.dtype)
+        with batch_invariant.mode(False):
+            hidden = model([seg])[0]  # [b, C, H]
+        p = self.row_params
+        row_bytes = C * V * 4 * 3
+        per = max(1, min(b, self.cfg.logits_budget_bytes // row_bytes))
+        parts = []
+        for r0 in range(0, b, per):
+            r1 = min(b, r0 + per)
+            params = sampler.RowParams(
+                **{n: v[r0:r1] for n, v in vars(p).items() if isinstance(v, torch.Tensor)},
+                max_top_k=max_top_k, use_top_p=use_top_p)
+            logits = model.logits(hidden[r0:r1], row_chunks=False)
+            parts.append(sampler.step(
+                logits, self.steps_left[r0:r1], params, self.prev_argmax[r0:r1], self.stable_run[r0:r1],
+                CounterDraws(self.seed_keys[r0:r1], self.draw_count[r0:r1]), embedding=model.embed_tokens.weight,
+                embed_scale=model.text.embed_scale, chunk_elems=(r1 - r0) * C * V, cpu_sub_slabs=False))
+            del logits
+
+        def field(name):
+            return getattr(parts[0], name) if len(parts) == 1 else torch.cat([getattr(r, name) for r in parts])
+
+        act = self.denoising[:b]
+        a2 = act[:, None]
+        argmax, accepted, done = field("argmax"), field("accepted"), field("done") & act
+        self.canvas[:b] = torch.where(a2, field("canvas"), self.canvas[:b])
+        self.prev_argmax[:b] = torch.where(a2, argmax, self.prev_argmax[:b])
+        self.stable_run[:b] = torch.where(act, field("stable_run"), self.stable_run[:b])
+        self.sc[:b] = torch.where(act[:, None, None], field("sc_embeds"), self.sc[:b])
+        self.steps_left[:b] -= act.to(self.steps_left.dtype)
+        self.draw_count[:b] += 2 * act
+        self.denoising[:b] = act & ~done
+        mean_entropy = field("mean_entropy")
+        return torch.cat([argmax.double(), accepted.double(), done[:, None].double(), mean_entropy[:, None].double()],
+                         1)
 
     def _commit(self, s: Sequence, canvas: list[int]) -> list[StreamEvent]:
         """Append a finished canvas to the output; decide whether the request goes on."""
@@ -288,6 +428,8 @@ class Engine:
         if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
             self.slots[s.slot] = None
             self.cache.reset(s.slot)
+            if not self.cfg.batch_invariant:
+                self.denoising[s.slot] = False
         return StreamEvent(s.id, "finished", text_delta=tail, output=s.out)
 
     # -- convenience ---------------------------------------------------------------------------------------------

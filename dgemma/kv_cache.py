@@ -11,12 +11,18 @@ Sliding buffers hold a slot's last `min(length, window)` tokens left-aligned, ol
 - `EncodeSegment`: causal rows (prompt prefill, canvas commit). Attends to the cache plus its own tokens, causally,
   with the sliding window; appends its tokens to the cache; `finish()` advances the slot lengths.
 - `DecodeSegment`: bidirectional canvases. Attends to the cache (sliding layers: the whole kept window) plus the
-  whole canvas. Reads only.
+  whole canvas. Reads only. Exact: each row attends alone, over exactly its own keys (the batch-invariant twin of
+  the reference).
+- `CanvasSegment`: the fast decode (batch invariance off). Rows are the slots `[0, B)`; each layer writes the
+  canvas K/V into a per-slot *scratch tail* of the cache (the `scratch` positions after the kept ones, never
+  committed), so the keys are read in place as a view, without any gather or concatenation of the prefix; the
+  grouped KV heads are folded into the query axis; one SDPA call per layer with a per-row key-length mask.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import TextConfig
 from . import batch_invariant
@@ -25,41 +31,55 @@ from .model import attention
 
 class KVCache:
     def __init__(self, cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-        if capacity <= 0 or num_slots <= 0:
-            raise ValueError(f"KVCache needs num_slots > 0 and capacity > 0, got {num_slots} and {capacity}")
-        self.cfg, self.num_slots, self.capacity = cfg, num_slots, capacity
+                 device: torch.device | str = "cpu", scratch: int = 0):
+        if capacity <= 0 or num_slots <= 0 or scratch < 0:
+            raise ValueError(f"KVCache needs num_slots > 0, capacity > 0 and scratch >= 0, got {num_slots}, "
+                             f"{capacity} and {scratch}")
+        self.cfg, self.num_slots, self.capacity, self.scratch = cfg, num_slots, capacity, scratch
         self.window = cfg.sliding_window - 1  # tokens a sliding layer keeps
-        self.k: list[torch.Tensor] = []  # per layer: [slots, positions kept, kv_heads, head_dim]
+        self.k: list[torch.Tensor] = []  # per layer: [slots, positions kept + scratch, kv_heads, head_dim]
         self.v: list[torch.Tensor] = []
         self.sliding: list[bool] = []
+        self.kept_size: list[int] = []  # per layer: committed positions a slot keeps (the scratch tail follows)
         for i in range(cfg.num_hidden_layers):
             sliding = cfg.is_sliding(i)
             size = min(capacity, self.window) if sliding else capacity
-            shape = (num_slots, size, cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
+            shape = (num_slots, size + scratch, cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             self.sliding.append(sliding)
+            self.kept_size.append(size)
         self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [slots] committed tokens (positions) per slot
+        self.host_lengths = [0] * num_slots  # the same numbers as Python ints (read without a device sync)
+        self.dev_lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # and on the cache's device
 
     @staticmethod
-    def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype) -> int:
+    def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype, scratch: int = 0) -> int:
         per = torch.empty((), dtype=dtype).element_size()
         total = 0
         for i in range(cfg.num_hidden_layers):
             size = min(capacity, cfg.sliding_window - 1) if cfg.is_sliding(i) else capacity
-            total += 2 * size * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i)
+            total += 2 * (size + scratch) * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i)
         return total * per * num_slots
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
+        self.set_lengths([slot], [0])
+
+    def set_lengths(self, slots: list[int], lengths: list[int]) -> None:
+        """Set committed lengths (host list, CPU tensor and device copy together; the device copy is an
+        asynchronous host-to-device copy, never a sync)."""
+        for s, n in zip(slots, lengths):
+            self.host_lengths[s] = n
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.lengths[idx] = torch.tensor(lengths, dtype=torch.long)
+        self.dev_lengths.copy_(self.lengths, non_blocking=True)
 
     def kept(self, layer: int, lengths: torch.Tensor) -> torch.Tensor:
         """How many cached positions of each row a layer holds: [B]."""
-        return lengths.clamp(max=self.k[layer].shape[1])
+        return lengths.clamp(max=self.kept_size[layer])
 
     def gather(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n kept positions of each slot's buffer: k, v [B, n, Hkv, d] (a view when slots is one slot)."""
@@ -73,13 +93,13 @@ class KVCache:
         """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens."""
         n = k.shape[0]
         bk, bv = self.k[layer], self.v[layer]
+        size = self.kept_size[layer]
         if not self.sliding[layer]:
-            if length + n > bk.shape[1]:
-                raise RuntimeError(f"KV cache slot {slot} overflow: {length} + {n} > capacity {bk.shape[1]}")
+            if length + n > size:
+                raise RuntimeError(f"KV cache slot {slot} overflow: {length} + {n} > capacity {size}")
             bk[slot, length:length + n] = k
             bv[slot, length:length + n] = v
             return
-        size = bk.shape[1]
         old = min(length, size)
         keep_old = max(0, min(old, size - n))  # old tokens that stay, shifted to the front
         if keep_old and keep_old < old:
@@ -116,7 +136,7 @@ class EncodeSegment:
         self.window = cache.cfg.sliding_window
 
     def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
-        size = self.cache.k[layer].shape[1]
+        size = self.cache.kept_size[layer]
         key = (size, self.cache.sliding[layer])
         if key not in self._masks:
             dev = self.input_ids.device
@@ -169,7 +189,7 @@ class EncodeSegment:
 
     def finish(self) -> None:
         """Advance the slot lengths once every layer has written its tokens."""
-        self.cache.lengths[self.slots] = self.start + self.n_new
+        self.cache.set_lengths(self.slots.tolist(), (self.start + self.n_new).tolist())
 
 
 class DecodeSegment:
@@ -188,7 +208,7 @@ class DecodeSegment:
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}
 
     def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
-        size = self.cache.k[layer].shape[1]
+        size = self.cache.kept_size[layer]
         if size not in self._masks:
             dev = self.input_ids.device
             kept = self.cache.kept(layer, self.lengths).to(dev)
@@ -213,3 +233,61 @@ class DecodeSegment:
             ck, cv = self.cache.gather(layer, self.slots, kc)
             k, v = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
         return attention(q, k, v, mask)
+
+
+def key_bucket(n: int, quantum: int = 64) -> int:
+    """A key count rounded up to a short geometric ladder (multiples of `quantum`, then 8 steps per doubling), so a
+    compiled or captured decode step sees few distinct key lengths however the context grows. The keys past each
+    row's own length are masked, so the bucket changes no result."""
+    if n <= 8 * quantum:
+        return -(-n // quantum) * quantum
+    step = 1 << (n.bit_length() - 4)  # 8 steps per power of two
+    return -(-n // step) * step
+
+
+class CanvasSegment:
+    """Fast bidirectional decode of the canvases of slots [0, B) (batch invariance off).
+
+    Rows whose slot is not denoising ride along (their outputs are discarded by the engine): the shapes then depend
+    on B only, never on which slots are busy, which is what a captured step needs. Per layer, the canvas K/V is
+    written into the slot's scratch tail, right after its kept positions, and the keys [0, key_len) of the slots are
+    read in place; a row's keys past its own kept + canvas length are masked out.
+
+    `key_lens` maps a cache buffer size to the number of key positions to read (the host knows every slot's length,
+    so the engine picks it without a device sync; see `key_bucket`)."""
+
+    causal = False
+
+    def __init__(self, cache: KVCache, canvas: torch.Tensor, lengths: torch.Tensor, sc_embeds: torch.Tensor | None,
+                 key_lens: dict[int, int], mask_dtype: torch.dtype):
+        self.cache, self.input_ids, self.sc_embeds = cache, canvas, sc_embeds
+        b, c = canvas.shape
+        dev = canvas.device
+        ar = torch.arange(c, device=dev)
+        self.positions = lengths[:, None] + ar
+        self._plan: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        for size in sorted(set(cache.kept_size)):
+            kept = lengths.clamp(max=size)
+            buf = size + cache.scratch  # positions per slot in this buffer
+            rows = (torch.arange(b, device=dev) * buf)[:, None]
+            write = (rows + kept[:, None] + ar).reshape(-1)  # [B*C] flat (slot, position) of each canvas token
+            n_keys = min(key_lens[size], buf)
+            keys = torch.arange(n_keys, device=dev)
+            mask = torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev).masked_fill_(
+                (keys >= (kept + c)[:, None])[:, None, None], float("-inf"))
+            self._plan[size] = (n_keys, write, mask)
+
+    def attend(self, layer: int, q, k, v):
+        b, c, hq, d = q.shape
+        hkv = k.shape[2]
+        n_keys, write, mask = self._plan[self.cache.kept_size[layer]]
+        bk, bv = self.cache.k[layer], self.cache.v[layer]
+        bk.view(-1, hkv, d).index_copy_(0, write, k.reshape(b * c, hkv, d).to(bk.dtype))
+        bv.view(-1, hkv, d).index_copy_(0, write, v.reshape(b * c, hkv, d).to(bv.dtype))
+        keys = bk[:b, :n_keys].transpose(1, 2)  # [B, Hkv, K, d], a view of the cache
+        vals = bv[:b, :n_keys].transpose(1, 2)
+        rep = hq // hkv
+        # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep * C, d].
+        qf = q.view(b, c, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * c, d)
+        out = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=mask, scale=1.0)
+        return out.view(b, hkv, rep, c, d).permute(0, 3, 1, 2, 4).reshape(b, c, hq, d)

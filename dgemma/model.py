@@ -100,7 +100,7 @@ class Layer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
     def forward(self, x: torch.Tensor, segments: Sequence[Segment], cos: torch.Tensor, sin: torch.Tensor,
-                is_decoder: torch.Tensor) -> torch.Tensor:
+                is_decoder: torch.Tensor | bool) -> torch.Tensor:
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         outs, start = [], 0
         for seg in segments:
@@ -117,8 +117,9 @@ class Layer(nn.Module):
         weights, idx = self.router(h)
         moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), weights, idx))
         out = h + self.post_feedforward_layernorm(dense + moe)
-        scalar = torch.where(is_decoder, self.layer_scalar, self.encoder_layer_scalar)
-        return out * scalar
+        if isinstance(is_decoder, bool):  # every row in one mode: no per-row select
+            return out * (self.layer_scalar if is_decoder else self.encoder_layer_scalar)
+        return out * torch.where(is_decoder, self.layer_scalar, self.encoder_layer_scalar)
 
 
 class SelfConditioning(MLP):
@@ -181,16 +182,20 @@ class DiffusionGemma(nn.Module):
         probs = torch.softmax(scaled_logits, dim=-1, dtype=torch.float32).to(self.dtype)
         return linear(probs, self.embed_tokens.weight.t()) * self._scale()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head, fp32, soft-capped: cap * tanh(logits / cap)."""
+    def logits(self, hidden: torch.Tensor, row_chunks: bool = True) -> torch.Tensor:
+        """Tied LM head, fp32, soft-capped: cap * tanh(logits / cap).
+
+        At inference the soft-cap runs in place on the fresh product. With `row_chunks` (the CPU's exact path) it
+        goes a few cache-sized rows at a time (the same ops and values, no [*, V] temporaries streamed through
+        memory); without, it is three whole-slab kernels (the fast path: no Python loop at a 262k vocabulary)."""
         out = linear(hidden, self.embed_tokens.weight).float()
         cap = self.text.final_logit_softcapping
         if cap is None:
             return out
         if torch.is_grad_enabled() and out.requires_grad:
             return torch.tanh(out / cap) * cap
-        # Inference: in place on the fresh product, a few cache-sized rows at a time (the same ops and values, and
-        # no [*, V] temporaries streamed through memory).
+        if not row_chunks:
+            return out.div_(cap).tanh_().mul_(cap)
         flat = out.view(-1, out.shape[-1])
         for rows in flat.split(max(1, (1 << 17) // flat.shape[-1])):
             rows.div_(cap).tanh_().mul_(cap)
@@ -199,17 +204,21 @@ class DiffusionGemma(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
         """Run every segment through the stack; returns the final-normed hidden states [B, L, H] per segment."""
-        xs, pos, dec = [], [], []
+        xs, pos = [], []
         for seg in segments:
             x = self.embed(seg.input_ids)
             if not seg.causal:
                 x = self.self_conditioning(x, seg.sc_embeds)
             xs.append(x.reshape(-1, x.shape[-1]))
             pos.append(seg.positions.reshape(-1))
-            dec.append(torch.full((xs[-1].shape[0], 1), not seg.causal, device=x.device))
         x = torch.cat(xs) if len(xs) > 1 else xs[0]
         positions = torch.cat(pos) if len(pos) > 1 else pos[0]
-        is_decoder = torch.cat(dec) if len(dec) > 1 else dec[0]
+        modes = {not seg.causal for seg in segments}
+        if len(modes) == 1:
+            is_decoder = modes.pop()  # one mode: a Python bool, no per-row select
+        else:
+            is_decoder = torch.cat([torch.full((seg.input_ids.numel(), 1), not seg.causal, device=x.device)
+                                    for seg in segments])
         rope = {lt: cos_sin(getattr(self, f"inv_freq_{lt}"), positions, x.dtype)
                 for lt in (SLIDING, FULL) if hasattr(self, f"inv_freq_{lt}")}
         for layer in self.layers:

@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import batch_invariant
 from .batch_invariant import EXPERT_TILE, Linear, linear
 from .config import TextConfig
+
+
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # torch >= 2.8
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +32,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel; on CPU it equals x * (mean(x^2) + eps)^-0.5 * w bit for bit (the reference's formula).
+        # One fused kernel (one launch). On the CPU it equals the reference's x.float() * (mean(x^2) + eps)^-0.5 *
+        # w.float(), rounded once to x's dtype, bit for bit, in fp32 and in bf16 (fp32 statistics inside).
+        if _FUSED_RMS_NORM is not None:
+            return _FUSED_RMS_NORM(x, [x.shape[-1]], self.weight, self.eps)[0]
         w = self.weight.float() if self.weight is not None else None
         return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
 
@@ -59,6 +66,11 @@ class Router(nn.Module):
     def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """residual [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
         scores = self.proj(self.norm(residual) * self.scale * self.root)
+        if not batch_invariant.enabled():
+            # Fast path: the renormalised top-k of a softmax is the softmax of the top-k scores (2 kernels, not 4;
+            # the same experts, weights equal to fp32 rounding).
+            top, idx = torch.topk(scores, self.top_k, dim=-1)
+            return torch.softmax(top, dim=-1, dtype=torch.float32) * self.per_expert_scale[idx], idx
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)

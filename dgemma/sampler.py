@@ -303,12 +303,14 @@ def step(
     embedding: Tensor | None = None,
     embed_scale: float | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    cpu_sub_slabs: bool = True,
 ) -> StepResult:
     """One denoising step for B live rows.
 
     logits [B, C, V] fp32 (soft-capped decoder output); steps_left [B] int32 (n: N on the first step, 1 on the
     last); prev_argmax [B, C] and stable_run [B] from the previous step (or `start_canvas`); embedding [V, hidden]
-    for the self-conditioning signal. No host sync happens here.
+    for the self-conditioning signal. No host sync happens here. `cpu_sub_slabs=False` runs the per-position
+    passes on whole slabs on the CPU too (fewer, larger kernels: the fast path, and what a compiled step wants).
     """
     if logits.dtype != torch.float32 or logits.dim() != 3:
         raise ValueError(f"logits must be fp32 [B, C, V] (got {logits.dtype} {tuple(logits.shape)})")
@@ -317,8 +319,11 @@ def step(
     flat = logits.view(positions, vocab_size)  # needs a contiguous buffer: never copy a [B, C, V] tensor
 
     # Draw first, in HF's per-row order (categorical, then renoise), so replay into HF lines up.
-    u = draws.uniforms(canvas_length).reshape(positions)
-    noise = draws.renoise(canvas_length, vocab_size)
+    if hasattr(draws, "step_draws"):  # both draws in one pass (counter-based source)
+        u, noise = draws.step_draws(canvas_length, vocab_size)
+    else:
+        u, noise = draws.uniforms(canvas_length), draws.renoise(canvas_length, vocab_size)
+    u = u.reshape(positions)
 
     temp = temperature(steps_left, params.max_steps, params.t_min, params.t_max).repeat_interleave(canvas_length)
     filtering = params.max_top_k > 0 or params.use_top_p
@@ -339,7 +344,8 @@ def step(
     # multi-threaded CPU reduction with a single output splits the reduced dim differently (two-pass), which
     # would change the last bits. The self-conditioning GEMM keeps the slab's row count, which fixes its rounding.
     # On CUDA the kernels' reduction order may depend on the row count, so the sub-slab is the whole slab there.
-    sub = slab if logits.device.type != "cpu" else min(slab, max(2, CPU_SUB_SLAB_ELEMS // vocab_size))
+    sub = slab if logits.device.type != "cpu" or not cpu_sub_slabs else \
+        min(slab, max(2, CPU_SUB_SLAB_ELEMS // vocab_size))
     for s in range(0, positions, slab):
         e = min(s + slab, positions)
         sc_probs = None if sc is None else torch.empty(e - s, vocab_size, dtype=embedding.dtype, device=logits.device)
