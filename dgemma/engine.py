@@ -238,12 +238,13 @@ class Engine:
     def _start_canvas(self, s: Sequence) -> None:
         slot = s.slot
         if self.cfg.batch_invariant:
-            draws = sampler.PerRequestDraws([s.generator], self.model.device)
+            self.canvas[slot] = sampler.PerRequestDraws([s.generator], self.model.device).initial_canvas(
+                self.C, self.V)[0]
         else:  # counter-based: the slot's next draw number, then one more drawn
             draws = CounterDraws(self.seed_keys[slot:slot + 1], self.draw_count[slot:slot + 1])
+            self.canvas[slot] = draws.initial_canvas(self.C, self.V)[0]
             self.draw_count[slot] += 1
             self.denoising[slot] = True
-        self.canvas[slot] = draws.initial_canvas(self.C, self.V)[0]
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
         self.steps_left[slot] = s.settings.max_denoising_steps
