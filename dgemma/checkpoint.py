@@ -227,6 +227,8 @@ def save(model: DiffusionGemma, out: str | Path, generation: GenerationConfig | 
             if dtype is not None:
                 t = t.to(dtype)
             t = t.contiguous().cpu()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger tensor (fused fast-path weights): save its own bytes
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})

@@ -301,6 +301,7 @@ class Engine:
                          for size in sorted(set(self.cache.kept_size)))
         max_top_k = max(s.settings.top_k for s in dec)
         use_top_p = any(s.settings.top_p < 1 for s in dec)
+        self.model.fuse_projections()
         step = self._fast_step
         if self.cfg.compile or (self.cfg.compile is None and self.model.device.type == "cuda"):
             step = self._compiled_step()

@@ -27,7 +27,8 @@ from torch import nn
 
 from .batch_invariant import Linear, linear
 from .config import FULL, SLIDING, ModelConfig, TextConfig
-from .moe import MLP, Experts, RMSNorm, Router
+from . import batch_invariant
+from .moe import MLP, Experts, RMSNorm, Router, rms_norm
 from .rope import apply_rope, cos_sin, inv_frequencies
 
 
@@ -71,14 +72,51 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
 
+    fused: torch.Tensor | None = None  # [(Hq + Hkv (+ Hkv)) * d, H]: q/k(/v) weights as one matrix (fast path)
+    fused_norm: torch.Tensor | None = None  # [Hq + Hkv (+ Hkv), d]: q_norm, k_norm (and 1 for v) weights per head
+
+    def fuse(self) -> None:
+        """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent."""
+        if self.fused is not None and self.q_proj.weight.data_ptr() == self.fused.data_ptr():
+            return
+        linears = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
+        self.fused = fuse_linears(linears)
+        d = self.head_dim
+        norms = [self.q_norm.weight.detach().expand(self.heads, d), self.k_norm.weight.detach().expand(self.kv_heads, d)]
+        if self.v_proj is not None:
+            norms.append(torch.ones(self.kv_heads, d, dtype=self.fused.dtype, device=self.fused.device))
+        self.fused_norm = torch.cat(norms)
+
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d]."""
         t, d = x.shape[0], self.head_dim
+        if self.fused is not None and not batch_invariant.enabled():
+            # Fast path: one GEMM, one norm (per-head weights after it), one RoPE over q and k together. Full
+            # layers have no v_proj: V is the scale-free norm of the raw K, i.e. the normed K before its weight.
+            hq, hkv = self.heads, self.kv_heads
+            normed = rms_norm(F.linear(x, self.fused).view(t, -1, d), None, self.q_norm.eps)
+            qk = apply_rope((normed * self.fused_norm)[:, :hq + hkv], cos, sin)
+            v = normed[:, hq + hkv:] if self.v_proj is not None else normed[:, hq:]
+            return qk[:, :hq], qk[:, hq:], v
         q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.heads, d)), cos, sin)
         k_raw = self.k_proj(x).view(t, self.kv_heads, d)
         v = self.v_proj(x).view(t, self.kv_heads, d) if self.v_proj is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         return q, k, self.v_norm(v)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
+    """Re-point the weights of `linears` (one input size) at consecutive row blocks of one new matrix, and return
+    it: one GEMM then computes them all (the fast path, as vLLM's merged QKV and gate/up layers), while each module
+    keeps its own parameter, a view, under its checkpoint name for the exact path and for saving. No extra memory
+    once the old tensors are freed."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + n], requires_grad=lin.weight.requires_grad)
+        start += n
+    return fused
 
 
 class Layer(nn.Module):
@@ -160,6 +198,13 @@ class DiffusionGemma(nn.Module):
             if lt in t.layer_types:
                 dim = t.head_dim if lt == SLIDING else t.global_head_dim
                 self.register_buffer(f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim), persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and the dense gate/up weights for the fast path (idempotent, cheap to call again; redone
+        after a device or dtype move replaced the parameters)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     # -- embeddings and head -------------------------------------------------------------------------------------
     @property

@@ -32,12 +32,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel (one launch). On the CPU it equals the reference's x.float() * (mean(x^2) + eps)^-0.5 *
-        # w.float(), rounded once to x's dtype, bit for bit, in fp32 and in bf16 (fp32 statistics inside).
-        if _FUSED_RMS_NORM is not None:
-            return _FUSED_RMS_NORM(x, [x.shape[-1]], self.weight, self.eps)[0]
-        w = self.weight.float() if self.weight is not None else None
-        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma-4 RMSNorm over the last dim. One fused kernel on CUDA (`_fused_rms_norm`; the CPU build runs it as a
+    composite). On the CPU it equals the reference's x.float() * (mean(x^2) + eps)^-0.5 * w.float(), rounded once to
+    x's dtype, bit for bit, in fp32 and in bf16 (fp32 statistics inside)."""
+    if _FUSED_RMS_NORM is not None:
+        return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)[0]
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).type_as(x)
 
 
 class MLP(nn.Module):
@@ -49,7 +53,18 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
 
+    fused: torch.Tensor | None = None  # [2 * inner, hidden]: gate rows then up rows (fast path)
+
+    def fuse(self) -> None:
+        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent."""
+        if self.fused is None or self.gate_proj.weight.data_ptr() != self.fused.data_ptr():
+            from .model import fuse_linears
+            self.fused = fuse_linears([self.gate_proj, self.up_proj])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and not batch_invariant.enabled():
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            return self.down_proj(gelu_tanh(gate) * up)
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -65,12 +80,13 @@ class Router(nn.Module):
 
     def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """residual [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = self.proj(self.norm(residual) * self.scale * self.root)
         if not batch_invariant.enabled():
-            # Fast path: the renormalised top-k of a softmax is the softmax of the top-k scores (2 kernels, not 4;
-            # the same experts, weights equal to fp32 rounding).
+            # Fast path: the scale folded into the norm's weight; the renormalised top-k of a softmax is the softmax
+            # of the top-k scores (2 kernels, not 4). The same experts; weights equal to fp32 rounding.
+            scores = self.proj(rms_norm(residual, self.scale * self.root, self.norm.eps))
             top, idx = torch.topk(scores, self.top_k, dim=-1)
             return torch.softmax(top, dim=-1, dtype=torch.float32) * self.per_expert_scale[idx], idx
+        scores = self.proj(self.norm(residual) * self.scale * self.root)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
