@@ -50,7 +50,8 @@ class EngineConfig:
     max_model_len: int = 4096  # prompt + output tokens per request
     prefill_chunk: int = 2048  # prompt tokens encoded per request per step
     logits_budget_bytes: int = 512 * 2**20  # fp32 [rows, canvas, vocab] slab sampled at once
-    batch_invariant: bool = True  # exact mode: a request's tokens never depend on its batch mates (module doc)
+    batch_invariant: bool | None = None  # True: exact mode, False: fast mode (module doc); None: exact on the CPU,
+    # fast on other devices
     keep_traces: bool = True  # False: "draft" events are emitted but not kept in RequestOutput.trace (servers)
     compile: bool | None = None  # fast mode: torch.compile the step (None: on CUDA only, with CUDA graphs)
 
@@ -58,8 +59,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"EngineConfig.batch_invariant must be a bool, got {self.batch_invariant!r}")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"EngineConfig.batch_invariant must be a bool or None, got {self.batch_invariant!r}")
 
 
 class PromptTooLongError(ValueError):
@@ -123,6 +124,12 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = random.SystemRandom()
         self.stats = {"decoder_forwards": 0, "forwards": 0, "tokens": 0, "canvases": 0, "canvas_steps": 0}
+
+    @property
+    def exact(self) -> bool:
+        """Exact (batch-invariant) mode? `EngineConfig.batch_invariant`, or by device when it is None."""
+        bi = self.cfg.batch_invariant
+        return self.model.device.type == "cpu" if bi is None else bi
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -188,7 +195,7 @@ class Engine:
             enc_seg = EncodeSegment(self.cache, ids.to(self.model.device), [s.slot for s in enc],
                                     [len(c) for c in chunks])
             segments.append(enc_seg)
-        if dec and not self.cfg.batch_invariant:
+        if dec and not self.exact:
             events += self._denoise_fast(dec)  # before the encode rows: they start canvases after it
             dec = []
         if dec:
@@ -197,7 +204,7 @@ class Engine:
             segments.append(DecodeSegment(self.cache, self.canvas[slots], slots.cpu(), sc))
         if not segments:
             return events
-        with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
+        with batch_invariant.mode(self.exact, self.tile):
             hidden = self.model(segments)
             self.stats["forwards"] += 1
         if enc:
@@ -210,7 +217,7 @@ class Engine:
                 if s.denoising:
                     self._start_canvas(s)
         if dec:
-            with batch_invariant.mode(self.cfg.batch_invariant, self.tile):
+            with batch_invariant.mode(self.exact, self.tile):
                 events += self._denoise(dec, hidden[-1])
         return events
 
@@ -221,7 +228,7 @@ class Engine:
             seq.slot = self.slots.index(None)
             self.cache.reset(seq.slot)
             self.slots[seq.slot] = seq
-            if not self.cfg.batch_invariant:
+            if not self.exact:
                 self._set_row_params(seq)
             admitted.append(seq)
         return admitted
@@ -237,7 +244,7 @@ class Engine:
 
     def _start_canvas(self, s: Sequence) -> None:
         slot = s.slot
-        if self.cfg.batch_invariant:
+        if self.exact:
             self.canvas[slot] = sampler.PerRequestDraws([s.generator], self.model.device).initial_canvas(
                 self.C, self.V)[0]
         else:  # counter-based: the slot's next draw number, then one more drawn
@@ -430,7 +437,7 @@ class Engine:
         if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
             self.slots[s.slot] = None
             self.cache.reset(s.slot)
-            if not self.cfg.batch_invariant:
+            if not self.exact:
                 self.denoising[s.slot] = False
         return StreamEvent(s.id, "finished", text_delta=tail, output=s.out)
 

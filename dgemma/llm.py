@@ -33,7 +33,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  canvas_length: int | None = None, max_denoising_steps: int | None = None,
-                 logits_budget_bytes: int = 512 * 2**20):
+                 logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
+                 compile: bool | None = None):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
         ck = checkpoint.load(path, dtype=dtype, device=device)
         if canvas_length is not None and canvas_length != ck.config.canvas_length:
@@ -55,7 +56,8 @@ class LLM:
         self.engine = Engine(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
                              defaults=self.generation, tokenizer=self.tokenizer,
                              config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
-                                                 logits_budget_bytes=logits_budget_bytes))
+                                                 logits_budget_bytes=logits_budget_bytes,
+                                                 batch_invariant=batch_invariant, compile=compile))
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
