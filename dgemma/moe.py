@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import batch_invariant
 from .batch_invariant import EXPERT_TILE, Linear, linear
 from .config import TextConfig
 
@@ -75,29 +76,33 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
 
-        Tokens are grouped by expert (one matmul per expert hit). Each token's k contributions are then added in
-        ascending expert order, starting from zero, which is the reference's accumulation order, so the sum is
-        bit-identical to it, without a scatter-add.
+        The (token, k) assignments are sorted by expert, so each expert's rows are contiguous. The weighted
+        outputs, back in (token, k) order, are summed over k in fp32 and rounded once, as transformers' default
+        (`grouped_mm`) experts path does: in bf16 this matches it, where a bf16 running sum would drift by about
+        one bf16 step per layer.
         """
         n, k = idx.shape
-        idx, perm = idx.sort(dim=-1)  # per token: experts ascending
-        weights = weights.gather(-1, perm)
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        ids, order = idx.flatten().sort(stable=True)
         xs = x[order // k]
-        ws = weights.flatten()[order, None]
-        ys = []
-        start = 0
+        ys = self._per_expert(xs, ids) if batch_invariant.enabled() else self._grouped(xs, ids)
+        y = torch.empty_like(ys)
+        y[order] = ys
+        return (y.view(n, k, -1) * weights[..., None]).sum(1).to(x.dtype)
+
+    def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
+        ends = torch.arange(1, self.gate_up_proj.shape[0] + 1, device=ids.device, dtype=ids.dtype)
+        offs = torch.searchsorted(ids, ends, out_int32=True)
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+
+    def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
+        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
                 gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
-                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE) * ws[start:start + c])
+                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE))
                 start += c
-        y = torch.empty(n * k, x.shape[1], dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
-        y[order] = torch.cat(ys) if len(ys) > 1 else ys[0]
-        y = y.to(x.dtype).view(n, k, -1)
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out = out + y[:, j]
-        return out
+        return torch.cat(ys) if len(ys) > 1 else ys[0]
