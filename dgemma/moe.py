@@ -82,19 +82,19 @@ class Experts(nn.Module):
         one bf16 step per layer.
         """
         n, k = idx.shape
-        ids, order = idx.flatten().sort(stable=True)
+        ids, order = idx.flatten().sort()
         xs = x[order // k]
         ys = self._per_expert(xs, ids) if batch_invariant.enabled() else self._grouped(xs, ids)
         y = torch.empty_like(ys)
         y[order] = ys
-        return (y.view(n, k, -1) * weights[..., None]).sum(1).to(x.dtype)
+        return (y.view(n, k, x.shape[1]) * weights[..., None]).sum(1).to(x.dtype)
 
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
         ends = torch.arange(1, self.gate_up_proj.shape[0] + 1, device=ids.device, dtype=ids.dtype)
         offs = torch.searchsorted(ids, ends, out_int32=True)
-        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        return F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        return _grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs)
 
     def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
@@ -105,4 +105,43 @@ class Experts(nn.Module):
                 gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
                 ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE))
                 start += c
+        if not ys:
+            return xs.new_empty(0, self.down_proj.shape[1])
         return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+# MARK: grouped GEMM in any dtype
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of a [S, K] in group g (offs[g-1]:offs[g]) times b[g] [K, N] -> [S, N]. torch's own op traces under
+    torch.compile in bf16 only (its fake kernel refuses other dtypes), so other dtypes go through `grouped_mm`."""
+    return F.grouped_mm(a, b, offs=offs) if a.dtype == torch.bfloat16 else grouped_mm(a, b, offs)
+
+
+@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm as an op that torch.compile sees through in every dtype. With b 3-D: [S, K] x [G, K, N] ->
+    [S, N]; with both 2-D (the weight gradient): [K, S] x [S, N] -> [G, K, N], S split into groups by offs."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grad(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_save_inputs)
