@@ -91,10 +91,14 @@ class Experts(nn.Module):
 
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
-        ends = torch.arange(1, self.gate_up_proj.shape[0] + 1, device=ids.device, dtype=ids.dtype)
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
+        ends = torch.arange(1, w1.shape[0] + 1, device=ids.device, dtype=ids.dtype)
         offs = torch.searchsorted(ids, ends, out_int32=True)
-        gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        return _grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs)
+        gate, up = _grouped_mm(xs, w1.transpose(1, 2), offs).chunk(2, dim=-1)
+        return _grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs)
 
     def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""

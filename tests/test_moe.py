@@ -93,6 +93,24 @@ def test_fast_mode_gradients_equal_the_exact_modes():
     assert grads["fast"][2][6:].abs().max() == 0 and grads["fast"][3][6:].abs().max() == 0
 
 
+def test_fast_mode_under_bf16_autocast_with_fp32_weights():
+    """Training on CUDA runs fp32 weights under bf16 autocast, where activations arrive in bf16 or fp32. grouped_mm
+    is not autocast-aware, so the fast path casts as F.linear would: it then computes exactly what a bf16 copy of
+    the experts computes, and the fp32 weights get their gradients."""
+    experts = make_experts(8, 2, seed=4)
+    bf16 = make_experts(8, 2, seed=4, dtype=torch.bfloat16)
+    x, weights, idx = routing(9, 8, 2, seed=4)
+    with torch.no_grad():
+        want = run(bf16, x.bfloat16(), weights, idx, "fast")
+    for dtype in (torch.bfloat16, torch.float32):
+        experts.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(experts, x.to(dtype), weights, idx, "fast")
+        assert torch.equal(out.bfloat16(), want), dtype
+        out.float().square().sum().backward()
+        assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.down_proj.grad.abs().max() > 0
+
+
 class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
