@@ -3,6 +3,14 @@
 The router reads the *raw* residual stream (not the pre-norm output; routing on normed states breaks parity), picks
 the top-k experts from an fp32 softmax, renormalises their weights to sum to one and scales each by a learned
 per-expert factor. Experts are GeGLU blocks stored as stacked 3-D tensors, gate rows before up rows.
+
+Two ways to run the experts, one result format. Exact mode (batch-invariant on) runs one row-tiled matmul pair per
+expert hit, so a token's output never depends on how many tokens share its expert; it reads the group sizes back
+to the host once per call. Fast mode runs two grouped GEMMs over all experts with the group offsets computed on the
+device: a fixed dozen ops, no host sync, one graph under torch.compile. A grouped GEMM runs each group as one matmul,
+so in fp32 a token's output can change in the last bits with its group's size (on this CPU: one row, two or
+three rows, and larger groups take different kernels); bf16 showed no such dependence here, but nothing promises it.
+Both modes weight the expert outputs in fp32 and sum each token's k of them in fp32, rounding once.
 """
 
 from __future__ import annotations
