@@ -206,6 +206,17 @@ class DiffusionGemma(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (`.to(bfloat16)`, `.half()`) leave the RoPE frequencies in fp32, as transformers does (bf16
+        would shift positions by up to 0.4%); device moves still carry them along."""
+        kept = {n: b for n, b in self._buffers.items() if n.startswith("inv_freq_")}
+        super()._apply(fn, recurse)
+        for n, b in kept.items():
+            moved = self._buffers[n]
+            if moved.dtype != b.dtype:
+                self._buffers[n] = torch.empty_like(b, device=moved.device) if b.is_meta else b.to(moved.device)
+        return self
+
     # -- embeddings and head -------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:

@@ -3,6 +3,14 @@
 The router reads the *raw* residual stream (not the pre-norm output; routing on normed states breaks parity), picks
 the top-k experts from an fp32 softmax, renormalises their weights to sum to one and scales each by a learned
 per-expert factor. Experts are GeGLU blocks stored as stacked 3-D tensors, gate rows before up rows.
+
+Two ways to run the experts, one result format. Exact mode (batch-invariant on) runs one row-tiled matmul pair per
+expert hit, so a token's output never depends on how many tokens share its expert; it reads the group sizes back
+to the host once per call. Fast mode runs two grouped GEMMs over all experts with the group offsets computed on the
+device: a fixed dozen ops, no host sync, one graph under torch.compile. A grouped GEMM runs each group as one matmul,
+so in fp32 a token's output can change in the last bits with its group's size (on this CPU: one row, two or
+three rows, and larger groups take different kernels); bf16 showed no such dependence here, but nothing promises it.
+Both modes weight the expert outputs in fp32 and sum each token's k of them in fp32, rounding once.
 """
 
 from __future__ import annotations
@@ -103,29 +111,76 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
 
-        Tokens are grouped by expert (one matmul per expert hit). Each token's k contributions are then added in
-        ascending expert order, starting from zero, which is the reference's accumulation order, so the sum is
-        bit-identical to it, without a scatter-add.
+        The (token, k) assignments are sorted by expert, so each expert's rows are contiguous. The weighted
+        outputs, back in (token, k) order, are summed over k in fp32 and rounded once, as transformers' default
+        (`grouped_mm`) experts path does: in bf16 this matches it, where a bf16 running sum would drift by about
+        one bf16 step per layer.
         """
         n, k = idx.shape
-        idx, perm = idx.sort(dim=-1)  # per token: experts ascending
-        weights = weights.gather(-1, perm)
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        ids, order = idx.flatten().sort()
         xs = x[order // k]
-        ws = weights.flatten()[order, None]
-        ys = []
-        start = 0
+        ys = self._per_expert(xs, ids) if batch_invariant.enabled() else self._grouped(xs, ids)
+        y = torch.empty_like(ys)
+        y[order] = ys
+        return (y.view(n, k, x.shape[1]) * weights[..., None]).sum(1).to(x.dtype)
+
+    def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
+        ends = torch.arange(1, w1.shape[0] + 1, device=ids.device, dtype=ids.dtype)
+        offs = torch.searchsorted(ids, ends, out_int32=True)
+        gate, up = _grouped_mm(xs, w1.transpose(1, 2), offs).chunk(2, dim=-1)
+        return _grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs)
+
+    def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
+        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
                 gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
-                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE) * ws[start:start + c])
+                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE))
                 start += c
-        y = torch.empty(n * k, x.shape[1], dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
-        y[order] = torch.cat(ys) if len(ys) > 1 else ys[0]
-        y = y.to(x.dtype).view(n, k, -1)
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out = out + y[:, j]
-        return out
+        if not ys:
+            return xs.new_empty(0, self.down_proj.shape[1])
+        return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+# MARK: grouped GEMM in any dtype
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of a [S, K] in group g (offs[g-1]:offs[g]) times b[g] [K, N] -> [S, N]. torch's own op traces under
+    torch.compile in bf16 only (its fake kernel refuses other dtypes), so other dtypes go through `grouped_mm`."""
+    return F.grouped_mm(a, b, offs=offs) if a.dtype == torch.bfloat16 else grouped_mm(a, b, offs)
+
+
+@torch.library.custom_op("dgemma::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm as an op that torch.compile sees through in every dtype. With b 3-D: [S, K] x [G, K, N] ->
+    [S, N]; with both 2-D (the weight gradient): [K, S] x [S, N] -> [G, K, N], S split into groups by offs."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grad(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad_a = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_save_inputs)

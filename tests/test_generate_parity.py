@@ -2,7 +2,8 @@
 
 Both run the same tiny random checkpoint and consume the same random draws (transformers' `randint` /
 `multinomial` are served from dgemma's per-request streams, see `helpers.hf_replay`). Covers several canvases, an
-EOS inside a canvas, and a batch of prompts of different lengths (left-padded on the transformers side).
+EOS inside a canvas, and a batch of prompts of different lengths (left-padded on the transformers side), in both
+engine modes (exact: batch-invariant; fast: grouped-GEMM experts).
 """
 
 import pytest
@@ -43,8 +44,15 @@ def run_hf(monkeypatch, hf, prompts, seeds, canvases, eos):
     return out.sequences[:, width:]
 
 
-def run_dgemma(model, prompts, seeds, canvases, eos):
-    engine = Engine(model, eos_token_ids=[eos], config=EngineConfig(max_num_seqs=4, max_model_len=256))
+@pytest.fixture(params=[True, False], ids=["exact", "fast"])
+def invariant(request):
+    """Both engine modes: batch-invariant (exact, the CPU default) and fast (grouped-GEMM experts, plain matmuls)."""
+    return request.param
+
+
+def run_dgemma(model, prompts, seeds, canvases, eos, invariant=True):
+    config = EngineConfig(max_num_seqs=4, max_model_len=256, batch_invariant=invariant)
+    engine = Engine(model, eos_token_ids=[eos], config=config)
     params = [SamplingParams(max_new_tokens=canvases * C, seed=s, entropy_bound=0.1, **KNOBS) for s in seeds]
     return engine.run(list(zip(prompts, params)))
 
@@ -59,31 +67,31 @@ def assert_same(hf_rows, ours, eos):
             assert out.finish_reason == "length" and not rest
 
 
-def test_three_canvases_batch_of_one(monkeypatch, models):
+def test_three_canvases_batch_of_one(monkeypatch, models, invariant):
     hf, model = models
     prompt = [[5, 17, 33, 2, 9, 41, 60, 7, 11, 12, 13]]
-    ours = run_dgemma(model, prompt, [11], canvases=3, eos=95)
+    ours = run_dgemma(model, prompt, [11], canvases=3, eos=95, invariant=invariant)
     assert_same(run_hf(monkeypatch, hf, prompt, [11], 3, eos=95), ours, 95)
     assert ours[0].steps_per_canvas and max(ours[0].steps_per_canvas) <= STEPS
 
 
-def test_eos_inside_a_canvas_ends_the_request(monkeypatch, models):
+def test_eos_inside_a_canvas_ends_the_request(monkeypatch, models, invariant):
     hf, model = models
     prompt = [[5, 17, 33, 2, 9, 41]]
-    free = run_dgemma(model, prompt, [3], canvases=3, eos=95)[0]
+    free = run_dgemma(model, prompt, [3], canvases=3, eos=95, invariant=invariant)[0]
     # A token of the second canvas that has not occurred before becomes the EOS: the request must end there.
     pos = next(i for i in range(C + 1, 2 * C) if free.token_ids[i] not in free.token_ids[:i])
     eos = free.token_ids[pos]
-    ours = run_dgemma(model, prompt, [3], canvases=3, eos=eos)
+    ours = run_dgemma(model, prompt, [3], canvases=3, eos=eos, invariant=invariant)
     assert ours[0].finish_reason == "stop" and len(ours[0].token_ids) == pos + 1
     assert_same(run_hf(monkeypatch, hf, prompt, [3], 3, eos=eos), ours, eos)
 
 
-def test_batch_of_different_prompt_lengths(monkeypatch, models):
+def test_batch_of_different_prompt_lengths(monkeypatch, models, invariant):
     hf, model = models
     prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43, 44, 45]]
     seeds = [1, 2, 3]
-    ours = run_dgemma(model, prompts, seeds, canvases=2, eos=95)
+    ours = run_dgemma(model, prompts, seeds, canvases=2, eos=95, invariant=invariant)
     assert_same(run_hf(monkeypatch, hf, prompts, seeds, 2, eos=95), ours, 95)
-    alone = run_dgemma(model, prompts[1:2], seeds[1:2], canvases=2, eos=95)[0]
+    alone = run_dgemma(model, prompts[1:2], seeds[1:2], canvases=2, eos=95, invariant=invariant)[0]
     assert alone.token_ids == ours[1].token_ids  # batch mates change nothing

@@ -1,16 +1,21 @@
 """Parity of the model with the oracle (transformers 5.23 DiffusionGemmaForBlockDiffusion) on tiny random weights.
 
 Checks the encoder's KV for a prefill and for a canvas commit, and decoder logits with and without
-self-conditioning, over several configurations (MoE sizes, K=V full layers, sliding windows shorter than the
-prompt, canvases of 8 to 64, distinct encoder and decoder layer scalars).
+self-conditioning, in both modes (exact: batch-invariant; fast: grouped-GEMM experts), over several configurations
+(MoE sizes, K=V full layers, sliding windows shorter than the prompt, canvases of 8 to 64, distinct encoder and
+decoder layer scalars); and bf16 logits against transformers' own bf16, over seeds.
 """
+
+import statistics
 
 import pytest
 import torch
-from helpers import make_hf_model
+from helpers import make_hf_model, tiny_text_config
 
-from dgemma import checkpoint
+from dgemma import batch_invariant, checkpoint
+from dgemma.config import ModelConfig
 from dgemma.kv_cache import DecodeSegment, EncodeSegment, KVCache
+from dgemma.model import DiffusionGemma
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -25,6 +30,7 @@ CONFIGS = {
                                      sliding_window=5),
 }
 PROMPT_LEN = 13
+MODES = {"exact": True, "fast": False}  # batch-invariant on / off
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,8 +73,9 @@ def test_prefill_and_commit_kv_match(pair):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("self_conditioning", [False, True])
-def test_decoder_logits_match(pair, self_conditioning):
+def test_decoder_logits_match(pair, self_conditioning, mode):
     hf, model = pair
     g = torch.Generator().manual_seed(2)
     v, c = model.text.vocab_size, model.config.canvas_length
@@ -78,17 +85,19 @@ def test_decoder_logits_match(pair, self_conditioning):
     ref_cache = DynamicCache(config=hf.config.text_config)
     hf.model.encoder(input_ids=prompt, past_key_values=ref_cache, use_cache=True)
     ref = hf(decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=sc_logits).logits
-    kv = KVCache(model.text, num_slots=1, capacity=PROMPT_LEN + c)
-    seg = EncodeSegment(kv, prompt, slots=[0])
-    model([seg])
-    seg.finish()
-    sc = model.soft_embed(sc_logits) if self_conditioning else None
-    (hidden,) = model([DecodeSegment(kv, canvas, slots=[0], sc_embeds=sc)])
-    assert rel_err(model.logits(hidden), ref) <= 1e-4
+    with batch_invariant.mode(MODES[mode]):
+        kv = KVCache(model.text, num_slots=1, capacity=PROMPT_LEN + c)
+        seg = EncodeSegment(kv, prompt, slots=[0])
+        model([seg])
+        seg.finish()
+        sc = model.soft_embed(sc_logits) if self_conditioning else None
+        (hidden,) = model([DecodeSegment(kv, canvas, slots=[0], sc_embeds=sc)])
+        assert rel_err(model.logits(hidden), ref) <= 1e-4
 
 
 @torch.no_grad()
-def test_batched_rows_of_different_lengths_match_single_reference(pair):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_batched_rows_of_different_lengths_match_single_reference(pair, mode):
     """Three prompts of different lengths prefilled and denoised in shared forwards equal the oracle row by row."""
     hf, model = pair
     g = torch.Generator().manual_seed(3)
@@ -104,9 +113,10 @@ def test_batched_rows_of_different_lengths_match_single_reference(pair):
     enc = EncodeSegment(kv, padded, slots=slots, n_new=lengths)
     # An unrelated canvas denoised in the same forward as the prefill must not disturb it.
     kv2 = KVCache(model.text, num_slots=1, capacity=8)
-    model([enc, DecodeSegment(kv2, canvases[:1], slots=[0])])
-    enc.finish()
-    (hidden,) = model([DecodeSegment(kv, canvases, slots=slots)])
+    with batch_invariant.mode(MODES[mode]):
+        model([enc, DecodeSegment(kv2, canvases[:1], slots=[0])])
+        enc.finish()
+        (hidden,) = model([DecodeSegment(kv, canvases, slots=slots)])
     mine = model.logits(hidden)
     for i, p in enumerate(prompts):
         ref_cache = DynamicCache(config=hf.config.text_config)
@@ -118,27 +128,72 @@ def test_batched_rows_of_different_lengths_match_single_reference(pair):
 def _hf_logits(hf, prompt, canvas):
     cache = DynamicCache(config=hf.config.text_config)
     hf.model.encoder(input_ids=prompt, past_key_values=cache, use_cache=True)
-    return hf(decoder_input_ids=canvas, past_key_values=cache).logits
+    return hf(decoder_input_ids=canvas, past_key_values=cache).logits.float()
+
+
+def _dgemma_logits(model, prompt, canvas, mode):
+    with batch_invariant.mode(MODES[mode]):
+        kv = KVCache(model.text, 1, prompt.shape[1] + canvas.shape[1], dtype=model.dtype)
+        seg = EncodeSegment(kv, prompt, [0])
+        model([seg])
+        seg.finish()
+        (hidden,) = model([DecodeSegment(kv, canvas, [0])])
+        return model.logits(hidden)
+
+
+BF16_SEEDS = 10
+BF16_MARGIN = 1.25
 
 
 @torch.no_grad()
 def test_bf16_logits_within_bf16_noise_of_reference(tmp_path):
-    """bf16 cannot match bit for bit; dgemma-bf16 must sit within the oracle's own bf16-vs-fp32 noise."""
-    hf = make_hf_model(canvas_length=8)
-    g = torch.Generator().manual_seed(4)
-    prompt = torch.randint(0, 96, (1, 11), generator=g)
-    canvas = torch.randint(0, 96, (1, 8), generator=g)
-    ref32 = _hf_logits(hf, prompt, canvas)
-    hf = hf.to(torch.bfloat16)
-    ref16 = _hf_logits(hf, prompt, canvas)
-    hf.save_pretrained(tmp_path)
-    model = checkpoint.load(tmp_path).model
+    """bf16 cannot match fp32; dgemma's bf16 must be no further from transformers' fp32 logits than transformers'
+    own bf16 (`from_pretrained(dtype=bfloat16)`, which keeps RoPE in fp32) is. On tiny random models one routing
+    flip moves an error from 0.03 to 0.25, so the statement is over seeds (random weights and inputs): median and
+    mean of the max-relative error, in both modes, within a 25% margin of transformers' (equal on this CPU)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    errs = {"transformers": [], **{mode: [] for mode in MODES}}
+    agree = {name: 0.0 for name in errs}
+    for seed in range(BF16_SEEDS):
+        hf = make_hf_model(canvas_length=8, seed=seed)
+        path = tmp_path / str(seed)
+        hf.save_pretrained(path)
+        g = torch.Generator().manual_seed(100 + seed)
+        prompt = torch.randint(0, 96, (1, 11), generator=g)
+        canvas = torch.randint(0, 96, (1, 8), generator=g)
+        ref32 = _hf_logits(hf, prompt, canvas)
+        out = {"transformers": _hf_logits(DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16),
+                                          prompt, canvas)}
+        model = checkpoint.load(path, dtype=torch.bfloat16).model
+        assert model.dtype == torch.bfloat16
+        out.update({mode: _dgemma_logits(model, prompt, canvas, mode) for mode in MODES})
+        for name, logits in out.items():
+            errs[name].append(rel_err(logits, ref32))
+            agree[name] += (logits.argmax(-1) == ref32.argmax(-1)).float().mean().item() / BF16_SEEDS
+    for mode in MODES:
+        for stat in (statistics.median, statistics.mean):
+            assert stat(errs[mode]) <= BF16_MARGIN * stat(errs["transformers"]), (mode, stat.__name__, errs)
+        assert agree[mode] >= agree["transformers"] - 0.05, (mode, agree)
+
+
+def test_rope_frequencies_stay_fp32_under_dtype_casts():
+    """`model.to(bfloat16)` must not round the RoPE inverse frequencies (transformers keeps them fp32), while moves
+    between devices still carry them along."""
+    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": 8,
+                                 "text_config": tiny_text_config()})
+    model = DiffusionGemma(cfg)
+    ref = {n: b.clone() for n, b in model.named_buffers() if "inv_freq" in n}
+    assert len(ref) == 2 and not all(torch.equal(b, b.bfloat16().float()) for b in ref.values())
+    model.to(torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    kv = KVCache(model.text, 1, 32, dtype=torch.bfloat16)
-    seg = EncodeSegment(kv, prompt, [0])
-    model([seg])
-    seg.finish()
-    (hidden,) = model([DecodeSegment(kv, canvas, [0])])
-    mine = model.logits(hidden)
-    assert rel_err(mine, ref16) <= max(1.5 * rel_err(ref16, ref32), 1e-2)
-    assert (mine.argmax(-1) == ref16.argmax(-1)).float().mean() >= 0.9
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("meta")):
+        cast(model)
+        assert model.embed_tokens.weight.dtype != torch.float32
+        for n, b in model.named_buffers():
+            if "inv_freq" in n:
+                assert b.dtype == torch.float32 and (b.is_meta or torch.equal(b, ref[n])), n
+    assert model.inv_freq_full_attention.is_meta
+    model.to_empty(device="cpu")
+    model.reset_rope()
+    assert all(torch.equal(getattr(model, n), b) for n, b in ref.items())
