@@ -14,7 +14,7 @@ from helpers import make_hf_model, tiny_text_config
 
 from dgemma import batch_invariant, checkpoint
 from dgemma.config import ModelConfig
-from dgemma.kv_cache import DecodeSegment, EncodeSegment, KVCache
+from dgemma.kv_cache import CanvasSegment, DecodeSegment, EncodeSegment, KVCache
 from dgemma.model import DiffusionGemma
 
 transformers = pytest.importorskip("transformers")
@@ -86,13 +86,15 @@ def test_decoder_logits_match(pair, self_conditioning, mode):
     hf.model.encoder(input_ids=prompt, past_key_values=ref_cache, use_cache=True)
     ref = hf(decoder_input_ids=canvas, past_key_values=ref_cache, self_conditioning_logits=sc_logits).logits
     with batch_invariant.mode(MODES[mode]):
-        kv = KVCache(model.text, num_slots=1, capacity=PROMPT_LEN + c)
+        kv = KVCache(model.text, num_slots=1, capacity=PROMPT_LEN + c, scratch=c)
         seg = EncodeSegment(kv, prompt, slots=[0])
         model([seg])
         seg.finish()
         sc = model.soft_embed(sc_logits) if self_conditioning else None
         (hidden,) = model([DecodeSegment(kv, canvas, slots=[0], sc_embeds=sc)])
         assert rel_err(model.logits(hidden), ref) <= 1e-4
+    if mode == "fast":  # and the engine's fast decode: fused projections, K/V read in place from the cache
+        assert rel_err(model.logits(canvas_decode(model, kv, canvas, sc)), ref) <= 1e-4
 
 
 @torch.no_grad()
@@ -131,12 +133,25 @@ def _hf_logits(hf, prompt, canvas):
     return hf(decoder_input_ids=canvas, past_key_values=cache).logits.float()
 
 
+def canvas_decode(model, kv, canvas, sc=None):
+    """The engine's fast decode of slots [0, B): fused projections, `CanvasSegment` reading every cached key in
+    place (each row's own length masks the rest)."""
+    model.fuse_projections()
+    key_lens = {size: size + kv.scratch for size in set(kv.kept_size)}
+    seg = CanvasSegment(kv, canvas, kv.dev_lengths[:canvas.shape[0]], sc, key_lens, model.dtype)
+    with batch_invariant.mode(False):
+        (hidden,) = model([seg])
+    return hidden
+
+
 def _dgemma_logits(model, prompt, canvas, mode):
     with batch_invariant.mode(MODES[mode]):
-        kv = KVCache(model.text, 1, prompt.shape[1] + canvas.shape[1], dtype=model.dtype)
+        kv = KVCache(model.text, 1, prompt.shape[1] + canvas.shape[1], dtype=model.dtype, scratch=canvas.shape[1])
         seg = EncodeSegment(kv, prompt, [0])
         model([seg])
         seg.finish()
+        if mode == "fast":
+            return model.logits(canvas_decode(model, kv, canvas))
         (hidden,) = model([DecodeSegment(kv, canvas, [0])])
         return model.logits(hidden)
 
