@@ -3,7 +3,8 @@
 Both run the same tiny random checkpoint and consume the same random draws (transformers' `randint` /
 `multinomial` are served from dgemma's per-request streams, see `helpers.hf_replay`). Covers several canvases, an
 EOS inside a canvas, and a batch of prompts of different lengths (left-padded on the transformers side), in both
-engine modes (exact: batch-invariant; fast: grouped-GEMM experts).
+engine modes: exact (batch-invariant, one torch.Generator per request) and fast (the fixed-shape step: fused
+projections, K/V read in place, grouped-GEMM experts, counter-based draws, replayed with `draws.CounterStream`).
 """
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from helpers import hf_replay, make_hf_model
 
 from dgemma import checkpoint
+from dgemma.draws import CounterStream
 from dgemma.engine import Engine, EngineConfig
 from dgemma.sampler import PerRequestDraws
 from dgemma.sampling_params import SamplingParams
@@ -30,14 +32,14 @@ def models(tmp_path_factory):
     return hf, checkpoint.load(path).model
 
 
-def run_hf(monkeypatch, hf, prompts, seeds, canvases, eos):
+def run_hf(monkeypatch, hf, prompts, seeds, canvases, eos, invariant=True):
     rows, width = len(prompts), max(map(len, prompts))
     ids = torch.zeros(rows, width, dtype=torch.long)
     mask = torch.zeros(rows, width, dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding, as transformers expects for batched generation
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    draws = PerRequestDraws.from_seeds(seeds)
+    draws = PerRequestDraws.from_seeds(seeds) if invariant else CounterStream(seeds)
     with hf_replay(monkeypatch, draws, rows, C):
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=canvases * C, eos_token_id=eos, pad_token_id=0,
                           sampler_config=hf_gen.EntropyBoundSamplerConfig(entropy_bound=0.1), **KNOBS)
@@ -71,7 +73,7 @@ def test_three_canvases_batch_of_one(monkeypatch, models, invariant):
     hf, model = models
     prompt = [[5, 17, 33, 2, 9, 41, 60, 7, 11, 12, 13]]
     ours = run_dgemma(model, prompt, [11], canvases=3, eos=95, invariant=invariant)
-    assert_same(run_hf(monkeypatch, hf, prompt, [11], 3, eos=95), ours, 95)
+    assert_same(run_hf(monkeypatch, hf, prompt, [11], 3, eos=95, invariant=invariant), ours, 95)
     assert ours[0].steps_per_canvas and max(ours[0].steps_per_canvas) <= STEPS
 
 
@@ -84,7 +86,7 @@ def test_eos_inside_a_canvas_ends_the_request(monkeypatch, models, invariant):
     eos = free.token_ids[pos]
     ours = run_dgemma(model, prompt, [3], canvases=3, eos=eos, invariant=invariant)
     assert ours[0].finish_reason == "stop" and len(ours[0].token_ids) == pos + 1
-    assert_same(run_hf(monkeypatch, hf, prompt, [3], 3, eos=eos), ours, eos)
+    assert_same(run_hf(monkeypatch, hf, prompt, [3], 3, eos=eos, invariant=invariant), ours, eos)
 
 
 def test_batch_of_different_prompt_lengths(monkeypatch, models, invariant):
@@ -92,6 +94,6 @@ def test_batch_of_different_prompt_lengths(monkeypatch, models, invariant):
     prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43, 44, 45]]
     seeds = [1, 2, 3]
     ours = run_dgemma(model, prompts, seeds, canvases=2, eos=95, invariant=invariant)
-    assert_same(run_hf(monkeypatch, hf, prompts, seeds, 2, eos=95), ours, 95)
+    assert_same(run_hf(monkeypatch, hf, prompts, seeds, 2, eos=95, invariant=invariant), ours, 95)
     alone = run_dgemma(model, prompts[1:2], seeds[1:2], canvases=2, eos=95, invariant=invariant)[0]
     assert alone.token_ids == ours[1].token_ids  # batch mates change nothing
