@@ -119,6 +119,7 @@ class Engine:
         self.draw_count = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws made so far
         self.row_params = sampler.RowParams.from_settings([RELEASED_DEFAULTS] * S, device=dev)
         self._compiled = None
+        self._pinned: dict[torch.Size, torch.Tensor] = {}  # read-back buffers of the fast step (CUDA)
         self.slots: list[Sequence | None] = [None] * S
         self.waiting: deque[Sequence] = deque()
         self._ids = itertools.count()
@@ -312,7 +313,7 @@ class Engine:
         step = self._fast_step
         if self.cfg.compile or (self.cfg.compile is None and self.model.device.type == "cuda"):
             step = self._compiled_step()
-        packed = step(b, key_lens, max_top_k, use_top_p).tolist()  # the step's only host sync
+        packed = self._read_back(step(b, key_lens, max_top_k, use_top_p))  # the step's only host sync
         self.stats["forwards"] += 1
         events = []
         C = self.C
@@ -331,6 +332,18 @@ class Engine:
             if row[2 * C]:
                 events += self._commit(s, argmax)
         return events
+
+    def _read_back(self, out: torch.Tensor) -> list[list[float]]:
+        """The step's packed result as Python lists. On a GPU: a non-blocking copy into pinned host memory, then one
+        wait for the stream (the step's one sync)."""
+        if out.device.type != "cuda":
+            return out.tolist()
+        host = self._pinned.get(out.shape)
+        if host is None:
+            host = self._pinned[out.shape] = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(out.device).synchronize()
+        return host.tolist()
 
     def _compiled_step(self):
         if self._compiled is None:
