@@ -33,7 +33,7 @@ def base_args(corpus, out, steps=3, *extra):
     text, tok, config = corpus
     return ["--config", config, "--data", f"text:{text}", "--tokenizer", str(tok), "--out", str(out),
             "--steps", str(steps), "--batch-size", "2", "--data-arg", "window=24", "--no-progress",
-            "--lr", "1e-3", *extra]
+            "--lr", "1e-3", "--log-every", "1", *extra]
 
 
 def run(args, capsys):

@@ -22,7 +22,8 @@ def val_source(index):
 
 def test_validation_loss_is_logged_and_falls_on_a_learnable_task(tmp_path):
     model = fresh()
-    c = cfg(steps=40, batch_size=4, warmup=2, eval_every=10, val_examples=4, weight_decay=0.0)
+    model.init_weights(generator=torch.Generator().manual_seed(0))  # plain from-scratch init
+    c = cfg(steps=40, batch_size=4, lr=3e-3, warmup=2, eval_every=10, val_examples=4, weight_decay=0.0)
     tr = Trainer(model, lambda i: OVERFIT[i % 4], c, tmp_path, val_source=lambda i: OVERFIT[i % 4])
     tr.train()
     logged = [r for r in records(tmp_path) if "val_loss" in r]

@@ -15,15 +15,16 @@ from dgemma.train import LoRAConfig, Trainer
 
 
 
+@torch.no_grad()
 def hf_logits(model, prompt, canvas):
     from transformers import DynamicCache
+    model = model.get_base_model() if isinstance(model, peft.PeftModel) else model  # adapters are injected in place
     cache = DynamicCache(config=model.config.text_config)
     model.model.encoder(input_ids=prompt, past_key_values=cache, use_cache=True)
     return model(decoder_input_ids=canvas, past_key_values=cache).logits
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@torch.no_grad()
 def test_peft_loads_the_adapter_and_matches_the_merged_export(tmp_path, seed):
     base_dir = checkpoint.save(fresh(seed=seed), tmp_path / "base")
     tr = Trainer(checkpoint.load(base_dir).model, random_source, cfg(steps=3, lr=1e-2, seed=seed),

@@ -71,9 +71,9 @@ def test_resume_states_and_records_hyperparameter_changes(corpus, tmp_path, caps
     args = base_args(corpus, out, 4)
     args[args.index("--lr") + 1] = "5e-4"
     rc, _, err = run(args + ["--batch-size", "3"], capsys)
-    assert rc == 0 and "lr: 0.001 -> 0.0005" in err and "batch_size: 2 -> 3" in err
+    assert rc == 0 and "lr: 0.001 -> 0.0005" in err and "batch_size: 2 -> 3" in err and "steps: 2 -> 4" in err
     state = json.loads((out / "checkpoints/step-00000004/trainer_state.json").read_text())
-    assert state["changes"] == [{"step": 2, "lr": [0.001, 0.0005], "batch_size": [2, 3]}]
+    assert state["changes"] == [{"step": 2, "steps": [2, 4], "batch_size": [2, 3], "lr": [0.001, 0.0005]}]
 
 
 # -- defect 6 -------------------------------------------------------------------------------------------------------
