@@ -30,7 +30,8 @@ def test_validation_loss_is_logged_and_falls_on_a_learnable_task(tmp_path):
     assert [r["step"] for r in logged] == [10, 20, 30, 40]
     for r in logged:
         assert r["val_loss"] == pytest.approx(r["val_decoder_loss"] + r["val_encoder_loss"])
-    assert logged[-1]["val_loss"] < 0.5 * logged[0]["val_loss"]
+    vals = [r["val_loss"] for r in logged]
+    assert vals == sorted(vals, reverse=True) and vals[-1] < 0.7 * vals[0], vals
     # the figure is the objective's mean over the fixed set: evaluating again gives the same number
     again = evaluate(tr.model, tr.val_source, 4, tr.objective, batch_size=3, eos_id=tr.eos_id, pad_id=tr.pad_id)
     assert again["val_loss"] == pytest.approx(logged[-1]["val_loss"], rel=1e-6)
