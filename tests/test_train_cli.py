@@ -2,14 +2,10 @@
 the export carries its tokenizer, `--help` shows every default, logs are readable, and `dgemma train plot` draws."""
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 from helpers import tiny_text_config
 
-from dgemma import checkpoint
 from dgemma.train.cli import build_parser
 from dgemma.train.cli import main as train_main
 
@@ -140,3 +136,11 @@ def test_plot_draws_the_loss_curves(corpus, tmp_path, capsys):
     assert Image.open(png).size[0] >= 600
     rc, _, err = run(["plot", str(tmp_path / "nothing")], capsys)
     assert rc == 2 and "metrics.jsonl" in err
+
+
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    rc, _, err = run(base_args(corpus, tmp_path / "run", 2, "--report-to", "tensorboard"), capsys)
+    assert rc == 2 and "pip install tensorboard" in err and not (tmp_path / "run").exists()

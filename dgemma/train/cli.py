@@ -39,17 +39,27 @@ from .trainer import TrainConfig, Trainer, setup_distributed
 ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError, ImportError)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in the help, except where there is none to show (required flags, switches, None)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        none = d is None or d is False or d == [] or d is argparse.SUPPRESS
+        if none or action.required or isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="dgemma train", description=__doc__.split("\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="dgemma train", description=__doc__.split("\n")[0], formatter_class=DefaultsHelp,
                epilog="`dgemma train plot RUN` draws a run's loss curves.")
     # Numbers such as -1e-3 are values, not flags (argparse only knows -1 and -.5): `--lr -1e-3` reaches the
     # check that rejects it by name instead of "expected one argument".
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.?\d+(?:[eE][-+]?\d+)?$")
-    src = p.add_argument_group("model").add_mutually_exclusive_group()
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group()
     src.add_argument("--config", help="model config (config.json path or inline JSON) to train from scratch")
     src.add_argument("--init-from", help="checkpoint folder or hub id to fine-tune; `default` = the embedded model")
-    g = p.add_argument_group("model")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (None: the rank, scale 1)")
     g.add_argument("--canvas-length", type=int, default=None, help="override the model config's canvas_length")

@@ -147,11 +147,12 @@ def _text_factory(arg: str, *, seed: int, tokenizer=None, **options) -> ExampleS
         kind = TEXT_OPTIONS.get(key)
         if kind is None:
             near = difflib.get_close_matches(key, TEXT_OPTIONS, 1)
-            raise ValueError(f"data source 'text': unknown option {key!r}"
-                             + (f" (did you mean {near[0]!r}?)" if near else "") + f"; known: {', '.join(TEXT_OPTIONS)}")
+            raise ValueError(f"data source 'text': unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near
+                             else "") + f"; known: {', '.join(TEXT_OPTIONS)}")
         ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
         if not ok and not (key == "bos_id" and value is None):
-            raise ValueError(f"data source 'text': option {key}={value!r} must be {'an integer' if kind is int else 'a number' if kind is float else 'a string'}")
+            what = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ValueError(f"data source 'text': option {key}={value!r} must be {what}")
     if tokenizer is None:
         raise ValueError("the text source needs a tokenizer (--tokenizer DIR, or --init-from a folder with one)")
     path = Path(arg)

@@ -337,6 +337,7 @@ class Trainer:
                     self.on_step(self, rec)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.step == self.cfg.steps:
                     self.save()
+                self.wall = wall0 + time.perf_counter() - t0
             if self.rank == 0:
                 log.note(self.summary_line(self.step - first, time.perf_counter() - t0))
         finally:
