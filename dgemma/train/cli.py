@@ -258,7 +258,7 @@ def _main(argv: list[str]) -> int:
         raise ValueError("give --config (from scratch) or --init-from (fine-tune)")
     if args.canvas_length:
         model.config = model.config.with_canvas_length(args.canvas_length)
-    identity = {"data": args.data, "data_options": options,
+    identity = {"data": args.data, "data_options": options, "val_fraction": args.val_fraction,
                 "tokenizer": hashlib.sha256(Path(tok_dir, "tokenizer.json").read_bytes()).hexdigest()[:16]
                 if tok_dir else None}
     trainer = Trainer(model, source, cfg, out, lora=lora, generation=generation, passthrough=passthrough,
