@@ -328,9 +328,10 @@ class Trainer:
                         self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                     val = self.evaluate()
                     rec.update(val)
-                    if self.cfg.keep_best and (self.best is None or val["val_loss"] < self.best["val_loss"]):
+                    if self.best is None or val["val_loss"] < self.best["val_loss"]:
                         self.best = {"step": self.step, "val_loss": val["val_loss"]}
-                        self.export(self.out / "best", info={"best.json": self.best})
+                        if self.cfg.keep_best:
+                            self.export(self.out / "best", info={"best.json": self.best})
                 log.step(rec, val)
                 records.append(rec)
                 if self.on_step is not None:
