@@ -144,3 +144,15 @@ def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     names = {os.path.basename(p) for p in synced if p.startswith(tmp_dir)}
     assert {"trainer_state.json", "optimizer.safetensors", "rng.safetensors", "model.safetensors"} <= names, synced
     assert str(tmp_path / "checkpoints") in synced  # the folder itself, after the rename
+
+
+def test_a_resume_needs_only_the_folder_and_the_steps(corpus, tmp_path, capsys):
+    """The run remembers its architecture and tokenizer: `--data`, `--out` and `--steps` continue it."""
+    out = tmp_path / "run"
+    assert run(base_args(corpus, out, 2), capsys)[0] == 0
+    text = corpus[0]
+    rc, _, err = run(["--data", f"text:{text}", "--data-arg", "window=24", "--out", str(out), "--steps", "3",
+                      "--batch-size", "2", "--lr", "1e-3", "--log-every", "1"], capsys)
+    assert rc == 0, err
+    assert steps_logged(out) == [1, 2, 3]
+    assert "changed settings (recorded in trainer_state.json): steps: 2 -> 3\n" in err  # and nothing else

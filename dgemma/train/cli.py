@@ -159,6 +159,16 @@ def _resolve_init(init_from: str | None) -> Path | None:
     return checkpoint.resolve(init_from).resolve()
 
 
+def _model_of_run(out: Path) -> DiffusionGemma:
+    """The model of a from-scratch run's newest readable checkpoint (its weights are then loaded by the Trainer)."""
+    for path in RunFolder(out).candidates():
+        try:
+            return checkpoint.load(path / "model", dtype=torch.float32).model
+        except (OSError, ValueError):
+            continue
+    raise ValueError(f"{out}: no readable checkpoint to resume; give --config or --init-from")
+
+
 def _warnings(args, cfg: TrainConfig) -> list[str]:
     out = []
     if cfg.warmup >= cfg.steps:
@@ -218,7 +228,8 @@ def _main(argv: list[str]) -> int:
     options = _data_options(args.data_arg)
     out = Path(args.out)
     saved = RunFolder(out).latest_state() if args.resume else {}
-    init_path = _resolve_init(args.init_from or saved.get("init_from"))
+    # a resume may omit what the run already says; --config means "from scratch", never the run's base checkpoint
+    init_path = _resolve_init(args.init_from or (None if args.config else saved.get("init_from")))
     lora_rank = args.lora_rank or ((saved.get("lora") or {}).get("rank", 0))
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else (saved.get("lora") or {}).get("alpha")
     lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha) if lora_rank else None
@@ -253,7 +264,7 @@ def _main(argv: list[str]) -> int:
         model = DiffusionGemma(model_config)
         model.init_weights(generator=torch.Generator().manual_seed(args.seed))
     elif saved and saved.get("lora") is None:  # resuming a from-scratch run: the architecture is in its checkpoint
-        model = checkpoint.load(RunFolder(out).candidates()[0] / "model", dtype=torch.float32).model
+        model = _model_of_run(out)
     else:
         raise ValueError("give --config (from scratch) or --init-from (fine-tune)")
     if args.canvas_length:
