@@ -126,9 +126,9 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=int))
 
 
-def fingerprint(source, n: int = 4) -> str:
+def fingerprint(examples: list) -> str:
     """A hash of the first examples: another file, tokenizer, window or seed gives another fingerprint."""
-    return hashlib.sha256(json.dumps([source.example(i) for i in range(n)], default=int).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(examples, default=int).encode()).hexdigest()[:16]
 
 
 class Trainer:
@@ -187,12 +187,13 @@ class Trainer:
             print(f"dgemma train: {text}", file=sys.stderr, flush=True)
 
     def _identity(self, extra: dict) -> dict:
-        """What a resume must match. The examples' fingerprint also checks every example fits the vocabulary."""
+        """What a resume must match. Laying out the first examples also checks, before any step, that the data
+        fits the model (token ids inside the vocabulary)."""
         probe = [self.source.example(i) for i in range(4)]
         collate(probe, range(4), self.objective.canvas_length, self.eos_id, self.pad_id, self.objective.vocab_size,
                 self.cfg.require_eos)
         ident = {"model": replace(self.model.config, raw={}).to_dict(), "init_from": self.init_from,
-                 "lora": asdict(self.lora) if self.lora else None, "examples": fingerprint(self.source)}
+                 "lora": asdict(self.lora) if self.lora else None, "examples": fingerprint(probe)}
         return _jsonable({**ident, **extra})
 
     def _open_folder(self, resume: bool) -> None:
