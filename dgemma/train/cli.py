@@ -176,8 +176,7 @@ def _warnings(args, cfg: TrainConfig) -> list[str]:
                    "never leaves the warm-up, and the cosine decay never happens")
     if args.lora_alpha is not None and not args.lora_rank:
         out.append("--lora-alpha has no effect without --lora-rank")
-    for flag, value in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every),
-                        ("--log-every", cfg.log_every)):
+    for flag, value in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
         if value > cfg.steps:
             out.append(f"{flag} {value} is longer than the run (--steps {cfg.steps}): only the last step does it")
     if args.eval_every and not (args.val_data or args.val_fraction):
