@@ -1,5 +1,6 @@
 """Data parallelism: two CPU processes on gloo, each with its own shard of the global batch, end with identical
-weights, and their run matches a single process that trains on the same global batch."""
+weights, and their run matches a single process that trains on the same global batch; so does the validation loss
+(each rank evaluates its own shard of the held-out set)."""
 
 import json
 import os
@@ -15,6 +16,10 @@ from test_trainer import cfg, fresh, random_source
 from dgemma.train import Trainer
 
 STEPS, LR = 3, 1e-3
+
+
+def val_source(index):
+    return random_source(50_000 + index)
 
 
 def run_and_record(trainer: Trainer, result_prefix: str) -> None:
@@ -34,7 +39,8 @@ def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # rank 1 starts from other weights: the trainer must broadcast rank 0's before the first step
-        trainer = Trainer(fresh(seed=rank * 5), random_source, cfg(steps=STEPS, batch_size=2, lr=LR), out)
+        trainer = Trainer(fresh(seed=rank * 5), random_source, cfg(steps=STEPS, batch_size=2, lr=LR, val_examples=5),
+                          out, val_source=val_source)
         run_and_record(trainer, os.path.join(results, f"rank{rank}"))
     finally:
         dist.destroy_process_group()
@@ -52,7 +58,8 @@ def load(prefix):
 
 def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2, join=True)
-    single = Trainer(fresh(), random_source, cfg(steps=STEPS, batch_size=4, lr=LR), tmp_path / "single")
+    single = Trainer(fresh(), random_source, cfg(steps=STEPS, batch_size=4, lr=LR, val_examples=5), tmp_path / "single",
+                     val_source=val_source)
     run_and_record(single, str(tmp_path / "single"))
     (r0, m0), (r1, m1), (s, ms) = load(str(tmp_path / "rank0")), load(str(tmp_path / "rank1")), \
         load(str(tmp_path / "single"))
@@ -61,6 +68,8 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
     for k in r0:  # the ranks agree exactly: same all-reduced gradients, same optimiser steps
         assert torch.equal(r0[k], r1[k]), k
     assert [x["loss"] for x in m0] == [x["loss"] for x in m1]
+    assert m0[-1]["val_loss"] == m1[-1]["val_loss"] == pytest.approx(ms[-1]["val_loss"], rel=1e-5)
+    assert m0[-1]["val_decoder_loss"] == pytest.approx(ms[-1]["val_decoder_loss"], rel=1e-5)
     # each rank saw half of the global batch of 4: the step equals the single process's on all 4
     assert [x["examples"] for x in m0] == [x["examples"] for x in ms] == [4, 8, 12]
     for x, y in zip(m0, ms):

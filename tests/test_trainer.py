@@ -66,7 +66,7 @@ def kill_at(step):
 
 
 def metric_lines(path):
-    return [{k: v for k, v in json.loads(x).items() if k != "examples_per_s"}
+    return [{k: v for k, v in json.loads(x).items() if k not in ("examples_per_s", "wall_s")}
             for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -196,9 +196,10 @@ def test_cli_trains_on_a_text_file_and_resumes(tmp_path, capsys):
     config = {"model_type": "diffusion_gemma", "canvas_length": 8, "text_config": tiny_text_config(vocab_size=320)}
     args = ["--config", json.dumps(config), "--data", f"text:{corpus}", "--tokenizer", str(tok), "--out",
             str(tmp_path / "run"), "--batch_size", "2", "--save-every", "2", "--data-arg", "window=24",
-            "--no-progress", "--lr", "1e-3"]
+            "--no-progress", "--lr", "1e-3", "--log-every", "1"]
     assert train_main(args + ["--steps", "3"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert (tmp_path / "run/final/tokenizer.json").is_file()
     assert train_main(args + ["--steps", "4"]) == 0  # continues from step 3
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]

@@ -11,6 +11,7 @@ Built in: `text:FILE`, random windows of a tokenised plain-text file split into 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,20 +63,35 @@ class ChunkedSource:
 
 class TextCorpusSource:
     """Random windows of a tokenised text file: `window` tokens each, split at a random point into a prompt of at
-    least `min_prompt` tokens and a response of at least `min_response` (a shorter file gives shorter windows)."""
+    least `min_prompt` tokens and a response of at least `min_response` (a shorter file gives shorter windows).
+    `part=(lo, hi)` keeps only that fraction of the tokens: `(0, 0.95)` to train and `(0.95, 1)` to validate hold
+    out the end of the text itself, not just other windows over the same text."""
 
     def __init__(self, text_or_path: str | Path, tokenizer, seed: int = 0, window: int = 256,
-                 min_prompt: int = 1, min_response: int = 1, bos_id: int | None = None):
-        text = Path(text_or_path).read_text(encoding="utf-8") if isinstance(text_or_path, Path) else text_or_path
+                 min_prompt: int = 1, min_response: int = 1, bos_id: int | None = None,
+                 part: tuple[float, float] = (0.0, 1.0)):
+        if isinstance(text_or_path, Path):
+            try:
+                text = text_or_path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{text_or_path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r});"
+                                 " convert it, e.g. iconv -f latin1 -t utf-8") from None
+        else:
+            text = text_or_path
+        lo, hi = part
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"part must be (lo, hi) with 0 <= lo < hi <= 1, got {part}")
         try:  # dgemma's Tokenizer and HF tokenizers take add_special_tokens; a bare `encode(text)` works too
             ids = tokenizer.encode(text, add_special_tokens=False)
         except TypeError:
             ids = tokenizer.encode(text)
-        self.tokens = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        self.tokens = np.asarray(ids, dtype=np.int64)[round(lo * n):round(hi * n)]
         if min_prompt < 0 or min_response < 1:
             raise ValueError("min_prompt must be >= 0 and min_response >= 1")
         if len(self.tokens) < min_prompt + min_response:
-            raise ValueError(f"the corpus has {len(self.tokens)} tokens; need at least {min_prompt + min_response}")
+            raise ValueError(f"the corpus{' part' if part != (0.0, 1.0) else ''} has {len(self.tokens)} tokens; "
+                             f"need at least {min_prompt + min_response}")
         self.window = min(window, len(self.tokens))
         if self.window < min_prompt + min_response:
             raise ValueError(f"window {window} is shorter than min_prompt + min_response")
@@ -104,7 +120,12 @@ def make_source(spec: str, *, seed: int = 0, tokenizer=None, **options) -> Examp
     name, _, arg = spec.partition(":")
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r} in {spec!r}; known: {sorted(SOURCES)}")
-    return SOURCES[name](arg, seed=seed, tokenizer=tokenizer, **options)
+    try:
+        return SOURCES[name](arg, seed=seed, tokenizer=tokenizer, **options)
+    except TypeError as e:  # a factory that passes its options on: name the bad one, not a Python signature
+        if "argument" not in str(e):
+            raise
+        raise ValueError(f"data source {name!r}: {str(e).split(') ', 1)[-1]} (check --data-arg)") from None
 
 
 def as_source(obj) -> ExampleSource:
@@ -115,13 +136,33 @@ def as_source(obj) -> ExampleSource:
     raise TypeError(f"not an example source: {obj!r} (needs .example(index) or to be callable)")
 
 
+TEXT_OPTIONS = {"window": int, "min_prompt": int, "min_response": int, "bos_id": int, "holdout": float,
+                "split": str}
+
+
 def _text_factory(arg: str, *, seed: int, tokenizer=None, **options) -> ExampleSource:
+    """`text:FILE`; options window, min_prompt, min_response, bos_id; `holdout=F` with `split=train|val` splits the
+    file's tokens (the last fraction F validates)."""
+    for key, value in options.items():
+        kind = TEXT_OPTIONS.get(key)
+        if kind is None:
+            near = difflib.get_close_matches(key, TEXT_OPTIONS, 1)
+            raise ValueError(f"data source 'text': unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near
+                             else "") + f"; known: {', '.join(TEXT_OPTIONS)}")
+        ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
+        if not ok and not (key == "bos_id" and value is None):
+            what = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ValueError(f"data source 'text': option {key}={value!r} must be {what}")
     if tokenizer is None:
-        raise ValueError("the text source needs a tokenizer (--tokenizer DIR)")
+        raise ValueError("the text source needs a tokenizer (--tokenizer DIR, or --init-from a folder with one)")
     path = Path(arg)
     if not path.is_file():
         raise ValueError(f"text source: {arg!r} is not a file")
-    return TextCorpusSource(path, tokenizer, seed=seed, **options)
+    holdout, split = options.pop("holdout", 0.0), options.pop("split", "train")
+    if not 0.0 <= holdout < 1.0 or split not in ("train", "val"):
+        raise ValueError(f"text source: need 0 <= holdout < 1 and split train or val, got {holdout}, {split!r}")
+    part = (0.0, 1.0) if not holdout else (0.0, 1.0 - holdout) if split == "train" else (1.0 - holdout, 1.0)
+    return TextCorpusSource(path, tokenizer, seed=seed, part=part, **options)
 
 
 register_source("text", _text_factory)

@@ -1,12 +1,14 @@
 """LoRA for DiffusionGemma: low-rank adapters on the linear layers, and merging them back for export.
 
-A small wrapper of our own rather than peft: the model is a custom nn.Module whose checkpoint names must stay those
-of the HF layout, experts are 3-D parameters (not nn.Linear), and merging is one addition per layer. `apply_lora`
-swaps each targeted `nn.Linear` for a `LoRALinear` that *shares* the original weight (so base tensors keep their
-names, under `<name>.weight`) and adds `lora_A` [r, in] / `lora_B` [out, r]; `y = x W^T + (x A^T B^T) * alpha / r`.
-B starts at zero, so training starts from the base model exactly. `merge_lora` puts clones of the original linears
-holding `W + B A * scale` in their place, leaving a model that `dgemma.checkpoint.save` writes in the HF layout;
-`unmerge_lora` swaps the adapters back, so an export in the middle of training changes nothing.
+A small wrapper of our own rather than peft at training time: the model is a custom nn.Module whose checkpoint
+names must stay those of the HF layout, experts are 3-D parameters (not nn.Linear), and merging is one addition per
+layer. `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` that *shares* the original weight (so base
+tensors keep their names, under `<name>.weight`) and adds `lora_A` [r, in] / `lora_B` [out, r];
+`y = x W^T + (x A^T B^T) * alpha / r`, peft's own formula. B starts at zero, so training starts from the base model
+exactly. `merge_lora` puts clones of the original linears holding `W + B A * scale` in their place, leaving a model
+that `dgemma.checkpoint.save` writes in the HF layout; `unmerge_lora` swaps the adapters back, so an export in the
+middle of training changes nothing. On disk, adapters are written in peft's layout (peft_adapter.py), which peft
+loads onto the transformers model.
 """
 
 from __future__ import annotations

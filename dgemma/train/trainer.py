@@ -1,4 +1,5 @@
-"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, data parallelism, exact resume, export.
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, data parallelism, evaluation, exact resume,
+export.
 
 - One optimiser step consumes a *global batch* of `batch_size * grad_accum * world_size` examples, the ones at
   global indices `[position, position + global)`; micro-batch m of rank r takes a contiguous slice of it. Losses are
@@ -7,25 +8,31 @@
 - Data parallelism (`torchrun`): the gradients are summed across ranks with one explicit all-reduce per step rather
   than through torch's DDP wrapper, whose hooks need `find_unused_parameters` here (MoE experts that get no token on
   a rank, the self-conditioning MLP when no row uses it) and fight gradient accumulation. Same result, fewer parts.
-- Checkpoints (`out/checkpoints/step-N/`, written to a temporary folder, then renamed; `LATEST` names the newest):
-  model weights in the HF layout via `dgemma.checkpoint.save` (LoRA runs: only `lora.safetensors`), optimiser
-  tensors in safetensors with their settings in `trainer_state.json`, with the step, the data position (the whole
-  state of the data stream: sources and noise are keyed on the example index) and the torch/numpy/python RNG
-  states. No pickles anywhere. A killed run restarted on the same folder continues exactly.
-- `metrics.jsonl` (rank 0): one line per logged step; a resumed run drops lines past its checkpoint first.
+- Checkpoints (`out/checkpoints/step-N/`, see run_folder.py): model weights in the HF layout via
+  `dgemma.checkpoint.save` (LoRA runs: only the adapter, in peft's layout), optimiser tensors in safetensors with
+  their settings in `trainer_state.json`, with the step, the data position (the whole state of the data stream:
+  sources and noise are keyed on the example index), the RNG states, the log interval's partial sums, the best
+  validation loss, and the run's *identity* (architecture, base checkpoint, LoRA shape, data, tokenizer, a
+  fingerprint of the first examples). No pickles anywhere. A killed run restarted on the same folder continues
+  exactly; a resume into another run's folder is refused with the differences listed; changed hyper-parameters are
+  stated and recorded (`changes` in trainer_state.json).
+- Evaluation (`val_source`, `eval_every`): see evaluation.py; `keep_best` exports the best model to `out/best/`.
+- Exports (`final/`, `best/`): HF layout (LoRA merged) + the tokenizer files + `adapter/` (peft layout) for LoRA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +44,18 @@ from .. import checkpoint
 from ..config import GenerationConfig
 from ..model import DiffusionGemma
 from .data import as_source, collate
-from .lora import LoRAConfig, apply_lora, has_lora, lora_state, merge_lora, unmerge_lora
+from .evaluation import evaluate
+from .lora import LoRAConfig, apply_lora, has_lora, merge_lora, unmerge_lora
+from .metrics import MetricsLog, clock, console_mode
 from .objective import ObjectiveConfig, encoder_targets, loss_parts
+from .peft_adapter import read_adapter, save_adapter
+from .run_folder import RunFolder, differences, write_durably
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "additional_chat_templates")
+# Settings that change what or how the run learns: a resume that changes one says so and records it.
+UNSTATED = {"progress", "report_to", "log_every", "save_every", "keep_checkpoints", "eval_every", "val_examples",
+            "keep_best"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +72,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 1  # metrics.jsonl and the console: one line per interval, holding its means
+    eval_every: int = 0  # 0: evaluate at the end only (when there is a validation source)
+    val_examples: int = 64  # the fixed validation set: examples 0 .. val_examples-1 of the validation source
+    keep_best: bool = False  # export the model of the best validation loss to out/best/
     seed: int = 0
     eps: float = 1e-3
     self_cond_prob: float = 0.5
@@ -65,19 +85,24 @@ class TrainConfig:
     require_eos: bool = True
     freeze_router: bool = False
     autocast: bool | None = None  # None: bf16 autocast on CUDA, none elsewhere
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal (plain log lines otherwise)
+    report_to: tuple[str, ...] = ()  # ("tensorboard",): also write TensorBoard scalars to out/tensorboard/
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "val_examples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "save_every"):
+        for name in ("warmup", "save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr {self.lr}, min_lr_ratio "
+                             f"{self.min_lr_ratio}")
         if not all(0 <= b < 1 for b in self.betas) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("need betas in [0, 1), weight_decay >= 0, grad_clip >= 0")
+        unknown = set(self.report_to) - {"tensorboard"}
+        if unknown:
+            raise ValueError(f"report_to: unknown logger(s) {sorted(unknown)}; known: tensorboard")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step `step` (0-based): linear warm-up, then cosine to lr * min_lr_ratio."""
@@ -96,28 +121,37 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _jsonable(obj):
+    """As it reads back from JSON (tuples become lists), so saved and current values compare equal."""
+    return json.loads(json.dumps(obj, default=int))
+
+
+def fingerprint(examples: list) -> str:
+    """A hash of the first examples: another file, tokenizer, window or seed gives another fingerprint."""
+    return hashlib.sha256(json.dumps(examples, default=int).encode()).hexdigest()[:16]
 
 
 class Trainer:
     """Trains `model` in place on `source` (see data.py) into the run folder `out_dir`; resumes from its latest
-    checkpoint unless `resume=False`. `lora` wraps the linears first (fine-tuning); `on_step(trainer, record)` runs
-    after every step (tests use it to kill a run)."""
+    complete checkpoint unless `resume=False` (which moves an older run in the folder aside). `lora` wraps the
+    linears first (fine-tuning); `val_source` is evaluated every `cfg.eval_every` steps and at the end;
+    `tokenizer_dir`'s files go into every export; `identity` adds what the run is (data spec, tokenizer hash) to
+    what a resume must match; `on_step(trainer, record)` runs after every step (tests use it to kill a run)."""
 
     def __init__(self, model: DiffusionGemma, source, cfg: TrainConfig, out_dir: str | Path, *,
                  lora: LoRAConfig | None = None, generation: GenerationConfig | None = None,
                  passthrough: dict | None = None, device: str | torch.device | None = None,
                  eos_id: int | None = None, pad_id: int | None = None, resume: bool = True,
-                 init_from: str | None = None, on_step: Callable[[Trainer, dict], None] | None = None):
-        self.cfg, self.out = cfg, Path(out_dir)
+                 init_from: str | None = None, val_source=None, tokenizer_dir: str | Path | None = None,
+                 identity: dict | None = None, on_step: Callable[[Trainer, dict], None] | None = None):
+        self.cfg, self.out, self.folder = cfg, Path(out_dir), RunFolder(out_dir)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device).train()
         self.source, self.lora = as_source(source), lora
+        self.val_source = as_source(val_source) if val_source is not None else None
         self.generation, self.passthrough, self.init_from, self.on_step = generation, passthrough, init_from, on_step
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         text = model.text
         self.eos_id = text.eos_token_id if eos_id is None else eos_id
         self.pad_id = text.pad_token_id if pad_id is None else pad_id
@@ -126,6 +160,7 @@ class Trainer:
             self_cond_prob=cfg.self_cond_prob, decoder_loss_weight=cfg.decoder_loss_weight,
             encoder_loss_weight=cfg.encoder_loss_weight, encoder_loss_on_prompt=cfg.encoder_loss_on_prompt,
             seed=cfg.seed)
+        self.identity = self._identity(identity or {})
         if lora is not None:
             apply_lora(self.model, lora, seed=cfg.seed)
         else:
@@ -140,13 +175,60 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
-        self.step, self.position = 0, 0
+        self.step, self.position, self.tokens, self.wall = 0, 0, 0, 0.0
+        self.interval: dict = {"sums": {}, "count": 0}
+        self.best: dict | None = None
+        self.changes: list[dict] = []
         self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
-        latest = self.latest_checkpoint()
-        if resume and latest is not None:
-            self.load(latest)
-        elif self.rank == 0 and (self.out / "metrics.jsonl").is_file():
-            (self.out / "metrics.jsonl").unlink()  # a fresh start voids an older run's log
+        self._open_folder(resume)
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"dgemma train: {text}", file=sys.stderr, flush=True)
+
+    def _identity(self, extra: dict) -> dict:
+        """What a resume must match. Laying out the first examples also checks, before any step, that the data
+        fits the model (token ids inside the vocabulary)."""
+        probe = [self.source.example(i) for i in range(4)]
+        collate(probe, range(4), self.objective.canvas_length, self.eos_id, self.pad_id, self.objective.vocab_size,
+                self.cfg.require_eos)
+        ident = {"model": replace(self.model.config, raw={}).to_dict(), "init_from": self.init_from,
+                 "lora": asdict(self.lora) if self.lora else None, "examples": fingerprint(probe)}
+        return _jsonable({**ident, **extra})
+
+    def _open_folder(self, resume: bool) -> None:
+        if self.rank == 0:
+            for name in self.folder.clean_leftovers():
+                self._say(f"removed {self.out / name}, left by a killed run")
+        loaded = False
+        if resume and self.folder.has_checkpoints():
+            failures = []
+            for path in self.folder.candidates():
+                try:
+                    data = self._read(path)
+                except Exception as e:  # reading has no side effects: a damaged checkpoint is only skipped
+                    failures.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                    continue
+                if failures:
+                    self._say(f"checkpoint {'; '.join(failures)} is damaged or incomplete; resuming from "
+                              f"{path.name} instead")
+                self._check_identity(path, data["state"])
+                self._apply(data)
+                loaded = True
+                break
+            if not loaded:
+                raise ValueError(f"{self.out}: no complete checkpoint to resume from ({'; '.join(failures)}); "
+                                 "start over with --no-resume (the old run is moved aside) or another --out")
+            if self.step > self.cfg.steps:
+                raise ValueError(f"{self.out}: the run is already at step {self.step}; --steps {self.cfg.steps} "
+                                 "is behind it (give more steps, or --no-resume / another --out for a new run)")
+        elif self.rank == 0:
+            moved = self.folder.move_aside()
+            if moved is not None:
+                self._say(f"fresh start: moved the previous run in {self.out} to {moved} (delete it when no "
+                          "longer needed)")
+        if self.world > 1:
+            dist.barrier()
 
     # -- one step ------------------------------------------------------------------------------------------------
     @property
@@ -177,13 +259,14 @@ class Trainer:
         enc_count = self._all_sum(torch.tensor([float(count)], dtype=torch.float64, device=self.device))
         enc_norm, dec_norm = max(float(enc_count), 1.0), float(self.global_batch * obj.canvas_length)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # decoder sum, encoder sum, tokens
         for batch in micro:
             ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
             with ctx:
                 parts = loss_parts(self.model, batch, obj)
             parts.total(obj, dec_norm, enc_norm).backward()
-            sums += torch.stack([parts.decoder_sum.detach(), parts.encoder_sum.detach()]).double()
+            sums += torch.stack([parts.decoder_sum.detach().double(), parts.encoder_sum.detach().double(),
+                                 batch.lengths.sum().double()])
         if self.world > 1:
             self._all_reduce_grads()
         sums = self._all_sum(sums)
@@ -195,12 +278,14 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.position += self.global_batch
+        self.tokens += int(sums[2])
         dec, enc = float(sums[0]) / dec_norm, float(sums[1]) / enc_norm
         # A part with weight 0 is not computed (objective.loss_parts): its metric is null.
         return {"step": self.step, "loss": obj.decoder_loss_weight * dec + obj.encoder_loss_weight * enc,
                 "decoder_loss": dec if obj.decoder_loss_weight > 0 else None,
                 "encoder_loss": enc if obj.encoder_loss_weight > 0 else None, "lr": lr, "grad_norm": grad_norm,
-                "examples_per_s": self.global_batch / (time.perf_counter() - t0), "examples": self.position}
+                "examples_per_s": self.global_batch / (time.perf_counter() - t0), "examples": self.position,
+                "tokens": self.tokens}
 
     def _all_reduce_grads(self, bucket_elems: int = 1 << 24) -> None:
         # Summed, not averaged: each rank's loss is already divided by the global counts.
@@ -217,50 +302,72 @@ class Trainer:
                     g.copy_(part.view_as(g))
                 bucket = []
 
+    def evaluate(self) -> dict:
+        """Validation loss of both parts on the fixed held-out set (see evaluation.py)."""
+        return evaluate(self.model, self.val_source, self.cfg.val_examples, self.objective,
+                        batch_size=self.cfg.batch_size, eos_id=self.eos_id, pad_id=self.pad_id,
+                        require_eos=self.cfg.require_eos, autocast=self.autocast, rank=self.rank, world=self.world)
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        """Run to `cfg.steps` (from wherever a resumed run stands); returns this call's metric records."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        records, metrics = [], self.out / "metrics.jsonl"
+        """Run to `cfg.steps` (from wherever a resumed run stands); returns this call's per-step records."""
+        records = []
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeRemainingColumn(), disable=not (self.cfg.progress and self.rank == 0))
-        with bar:
-            task = bar.add_task("train", total=self.cfg.steps, completed=self.step, info="")
+        log = MetricsLog(self.folder.metrics if self.rank == 0 else None, self.cfg.steps, self.cfg.log_every,
+                         console=console_mode(self.cfg.progress, self.rank),
+                         report_to=self.cfg.report_to if self.rank == 0 else (), interval=self.interval,
+                         start_step=self.step)
+        t0, wall0, first = time.perf_counter(), self.wall, self.step
+        try:
             while self.step < self.cfg.steps:
                 rec = self.train_step()
+                self.wall = wall0 + time.perf_counter() - t0
+                rec["wall_s"] = self.wall
+                val = None
+                if self.val_source is not None and (self.step == self.cfg.steps or (
+                        self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                    val = self.evaluate()
+                    rec.update(val)
+                    if self.best is None or val["val_loss"] < self.best["val_loss"]:
+                        self.best = {"step": self.step, "val_loss": val["val_loss"]}
+                        if self.cfg.keep_best:
+                            self.export(self.out / "best", info={"best.json": self.best})
+                log.step(rec, val)
                 records.append(rec)
-                if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
-                    with metrics.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                bar.update(task, completed=self.step, info=f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                                                           f"{rec['examples_per_s']:.1f} ex/s")
                 if self.on_step is not None:
                     self.on_step(self, rec)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.step == self.cfg.steps:
                     self.save()
+                self.wall = wall0 + time.perf_counter() - t0
+            if self.rank == 0:
+                log.note(self.summary_line(self.step - first, time.perf_counter() - t0))
+        finally:
+            log.close()
         return records
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        latest = self.out / "checkpoints" / "LATEST"
-        if not latest.is_file():
-            return None
-        path = latest.parent / latest.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
+    def summary(self) -> dict:
+        return {"step": self.step, "wall_s": round(self.wall, 3), "tokens": self.tokens, "examples": self.position,
+                "best_val_loss": self.best["val_loss"] if self.best else None,
+                "best_step": self.best["step"] if self.best else None}
 
+    def summary_line(self, steps: int, seconds: float) -> str:
+        text = (f"done: step {self.step}/{self.cfg.steps} ({steps} this run, {clock(seconds)}; {clock(self.wall)} "
+                f"in all), {self.tokens:,} tokens seen")
+        if self.best:
+            text += f", best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}"
+        return text
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
     def save(self) -> Path:
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.step:08d}"
+        final = self.folder.checkpoints / f"step-{self.step:08d}"
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f".{final.name}.tmp"
+            self.folder.checkpoints.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder.checkpoints / f".{final.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             if self.lora is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in lora_state(self.model).items()},
-                          str(tmp / "lora.safetensors"))
+                save_adapter(self.model, self.lora, tmp / "adapter", base_model=self.init_from)
             else:
                 checkpoint.save(self.model, tmp / "model", generation=self.generation, passthrough=self.passthrough)
             osd = self.optimizer.state_dict()
@@ -272,42 +379,69 @@ class Trainer:
             save_file(rng, str(tmp / "rng.safetensors"))
             np_state = np.random.get_state()
             py_state = random.getstate()
-            state = {"step": self.step, "position": self.position, "world_size": self.world,
-                     "config": asdict(self.cfg), "lora": asdict(self.lora) if self.lora else None,
-                     "init_from": self.init_from, "optimizer_param_groups": osd["param_groups"],
+            state = {"step": self.step, "position": self.position, "tokens": self.tokens, "wall_s": self.wall,
+                     "world_size": self.world, "config": asdict(self.cfg), "identity": self.identity,
+                     "lora": asdict(self.lora) if self.lora else None, "init_from": self.init_from,
+                     "tokenizer_dir": str(self.tokenizer_dir) if self.tokenizer_dir else None,
+                     "changes": self.changes, "interval": self.interval, "best": self.best,
+                     "optimizer_param_groups": osd["param_groups"],
                      "scheduler": {"kind": "warmup_cosine", "step": self.step, "lr": self.cfg.lr_at(self.step)},
                      "rng": {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
                                        float(np_state[4])],
                              "python": [py_state[0], list(py_state[1]), py_state[2]]}}
-            _write_json(tmp / "trainer_state.json", state)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            (root / "LATEST.tmp").write_text(final.name)
-            os.replace(root / "LATEST.tmp", root / "LATEST")
-            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            write_durably(tmp / "trainer_state.json", json.dumps(state, indent=1))
+            self.folder.publish(tmp, self.step, self.cfg.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
         return final
 
-    def load(self, path: str | Path) -> None:
-        path = Path(path)
+    def _read(self, path: Path) -> dict:
+        """Everything a checkpoint holds, read and checked, nothing applied yet (a damaged one raises)."""
         state = json.loads((path / "trainer_state.json").read_text())
-        if (self.lora is not None) != (state["lora"] is not None):
-            raise ValueError(f"{path}: checkpoint was {'a LoRA' if state['lora'] else 'a full'} run; this is not")
+        if self.lora is not None and state.get("lora") is not None:
+            if (path / "lora.safetensors").is_file():  # the layout before peft adapters
+                weights = load_file(str(path / "lora.safetensors"))
+            else:
+                weights = read_adapter(path / "adapter", self.lora)
+            names = {n for n, _ in self.model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+            if set(weights) != names:
+                raise ValueError(f"adapter tensors {sorted(set(weights) ^ names)[:4]} do not fit the model")
+        elif self.lora is None and state.get("lora") is None:
+            weights = checkpoint.load(path / "model").model.state_dict()
+        else:
+            weights = None  # LoRA against full: an identity difference, reported by _check_identity
+        flat = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+        return {"state": state, "weights": weights, "optimizer": flat, "rng": rng, "path": path}
+
+    def _check_identity(self, path: Path, state: dict) -> None:
+        saved = state.get("identity") or {"lora": state.get("lora")}
+        diff = differences(saved, self.identity)
+        if diff:
+            raise ValueError(f"{self.out} holds another run ({path.name}); it differs in: {'; '.join(diff)}. "
+                             "Use another --out, or --no-resume to start over (the old run is moved aside)")
+        old = {k: v for k, v in state.get("config", {}).items() if k not in UNSTATED}
+        now = {k: v for k, v in _jsonable(asdict(self.cfg)).items() if k not in UNSTATED}
+        changed = {k: [old[k], now[k]] for k in now if k in old and old[k] != now[k]}
+        self.changes = list(state.get("changes", []))
+        if changed:
+            self.changes.append({"step": state["step"], **changed})
+            self._say(f"resuming {path.name} with changed settings (recorded in trainer_state.json): "
+                      + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+
+    def _apply(self, data: dict) -> None:
+        state, path = data["state"], data["path"]
         with torch.no_grad():
             if self.lora is not None:
                 params = dict(self.model.named_parameters())
-                for k, v in load_file(str(path / "lora.safetensors")).items():
+                for k, v in data["weights"].items():
                     params[k].copy_(v)
             else:
-                ck = checkpoint.load(path / "model")
-                missing, unexpected = self.model.load_state_dict(ck.model.state_dict(), strict=False)
+                missing, unexpected = self.model.load_state_dict(data["weights"], strict=False)
                 if unexpected or any("inv_freq" not in m for m in missing):
                     raise ValueError(f"{path}: weights do not fit the model ({missing} {unexpected})")
-        flat = load_file(str(path / "optimizer.safetensors"))
         opt_state: dict[int, dict] = {}
-        for key, v in flat.items():
+        for key, v in data["optimizer"].items():
             pid, _, name = key.partition(".")
             opt_state.setdefault(int(pid), {})[name] = v
         groups = state["optimizer_param_groups"]
@@ -315,7 +449,10 @@ class Trainer:
             g["betas"] = tuple(g["betas"])
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.step, self.position = state["step"], state["position"]
-        rng = load_file(str(path / "rng.safetensors"))
+        self.tokens, self.wall = state.get("tokens", 0), state.get("wall_s", 0.0)
+        self.interval = state.get("interval") or {"sums": {}, "count": 0}
+        self.best = state.get("best")
+        rng = data["rng"]
         torch.set_rng_state(rng["torch"])
         cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
         if cuda and len(cuda) == torch.cuda.device_count():
@@ -324,24 +461,51 @@ class Trainer:
         np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), n[4]))
         p = state["rng"]["python"]
         random.setstate((p[0], tuple(p[1]), p[2]))
-        metrics = self.out / "metrics.jsonl"
+        metrics = self.folder.metrics
         if self.rank == 0 and metrics.is_file():  # drop what the killed run logged after this checkpoint
             keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
         if self.world > 1:
             dist.barrier()
 
+    def load(self, path: str | Path) -> None:
+        """Resume from one given checkpoint folder (the constructor finds the newest complete one itself)."""
+        data = self._read(Path(path))
+        self._check_identity(Path(path), data["state"])
+        self._apply(data)
+
     # -- export --------------------------------------------------------------------------------------------------
-    def export(self, path: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
-        """The trained model in the HF layout (LoRA merged in), loadable by dgemma and by transformers."""
+    def export(self, path: str | Path | None = None, dtype: torch.dtype | None = None,
+               info: dict[str, dict] | None = None) -> Path:
+        """The trained model in the HF layout (LoRA merged in), loadable by dgemma and by transformers, with the
+        tokenizer's files and, for LoRA, `adapter/` in peft's layout; `info` adds small JSON files. Written in a
+        hidden folder next to `path` and renamed into place."""
         path = Path(path) if path is not None else self.out / "final"
-        swaps = merge_lora(self.model) if has_lora(self.model) else []
-        try:
-            if self.rank == 0:
-                checkpoint.save(self.model, path, generation=self.generation, passthrough=self.passthrough,
-                                dtype=dtype)
-        finally:
-            unmerge_lora(swaps)
+        if self.rank == 0:
+            stage = RunFolder(path.parent).stage(path.name)
+            try:
+                target = stage / "export"
+                adapter = save_adapter(self.model, self.lora, stage / "adapter", base_model=self.init_from) \
+                    if self.lora is not None and has_lora(self.model) else None
+                swaps = merge_lora(self.model) if has_lora(self.model) else []
+                try:
+                    checkpoint.save(self.model, target, generation=self.generation, passthrough=self.passthrough,
+                                    dtype=dtype)
+                finally:
+                    unmerge_lora(swaps)
+                if adapter is not None:
+                    os.replace(adapter, target / "adapter")
+                for name in TOKENIZER_FILES if self.tokenizer_dir is not None else ():
+                    src = self.tokenizer_dir / name
+                    if src.is_dir():
+                        shutil.copytree(src, target / name)
+                    elif src.is_file():
+                        shutil.copy2(src, target / name)
+                for name, obj in (info or {}).items():
+                    (target / name).write_text(json.dumps(obj, indent=1))
+                RunFolder(path.parent).replace(target, path)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
         if self.world > 1:
             dist.barrier()
         return path
