@@ -29,6 +29,7 @@ Two modes, one loop (`EngineConfig.batch_invariant`):
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
 from .draws import CounterDraws, seed_keys
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
+
+log = logging.getLogger("dgemma")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Engine:
         self.draw_count = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws made so far
         self.row_params = sampler.RowParams.from_settings([RELEASED_DEFAULTS] * S, device=dev)
         self._compiled = None
+        self._compile_failed = False  # automatic compilation (compile=None on CUDA) fell back to eager
         self._pinned: dict[torch.Size, torch.Tensor] = {}  # read-back buffers of the fast step (CUDA)
         self.slots: list[Sequence | None] = [None] * S
         self.waiting: deque[Sequence] = deque()
@@ -310,10 +314,20 @@ class Engine:
         max_top_k = max(s.settings.top_k for s in dec)
         use_top_p = any(s.settings.top_p < 1 for s in dec)
         self.model.fuse_projections()
-        step = self._fast_step
-        if self.cfg.compile or (self.cfg.compile is None and self.model.device.type == "cuda"):
-            step = self._compiled_step()
-        packed = self._read_back(step(b, key_lens, max_top_k, use_top_p))  # the step's only host sync
+        args = (b, key_lens, max_top_k, use_top_p)
+        want = self.cfg.compile if self.cfg.compile is not None else self.model.device.type == "cuda"
+        if want and not self._compile_failed:
+            try:
+                out = self._compiled_step()(*args)
+            except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before any state changed
+                if self.cfg.compile:
+                    raise
+                log.warning("torch.compile of the fast step failed (%s); running it eagerly", str(e).split("\n")[0])
+                self._compile_failed = True
+                out = self._fast_step(*args)
+        else:
+            out = self._fast_step(*args)
+        packed = self._read_back(out)  # the step's only host sync
         self.stats["forwards"] += 1
         events = []
         C = self.C
