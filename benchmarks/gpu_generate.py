@@ -126,6 +126,15 @@ def experts_hit(engine: Engine, requests) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
+def engine_options(compile: bool) -> dict:
+    """EngineConfig keywords for `--compile`: refused clearly by an engine that has no such option."""
+    if not compile:
+        return {}
+    if "compile" not in {f.name for f in fields(EngineConfig)}:
+        raise SystemExit("--compile: this engine has no EngineConfig.compile option")
+    return {"compile": True}
+
+
 def peak_bandwidth(device: torch.device, override_tbps: float | None) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "cpu", override_tbps * 1e12 if override_tbps else None
@@ -153,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_generate.py needs a CUDA GPU (or --device cpu --tiny for a dry run)")
-    extra = {}
-    if args.compile:
-        if "compile" not in {f.name for f in fields(EngineConfig)}:
-            raise SystemExit("--compile: this engine has no EngineConfig.compile option")
-        extra["compile"] = True
+    extra = engine_options(args.compile)
     name, peak = peak_bandwidth(device, args.peak_tbps)
     cfg = model_config(args.layers, args.experts, args.tiny)
     C, V = cfg.canvas_length, cfg.text.vocab_size
