@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         floor_tps, frac = r.get("floor_tokens_per_s_all_experts"), r.get("fraction_of_floor_all_experts")
         hit = r["mean_experts_hit_per_layer"]
         print(f"{b:>5} | {r['tokens_per_s']:>8.1f} | {r['ms_per_step']:>8.2f} | "
-              f"{floor_tps if floor_tps is None else f'{floor_tps:.0f}':>11} | "
+              f"{'n/a' if floor_tps is None else f'{floor_tps:.0f}':>11} | "
               f"{'n/a' if frac is None else f'{100 * frac:.1f}%':>8} | {'n/a' if hit is None else f'{hit:.1f}':>11}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -18,7 +18,9 @@ A host sync is where the host waits for the device:
 - `aten._local_scalar_dense`, which `.item()`, `int(t)`, `float(t)` and `bool(t)` call,
 - a blocking copy to the CPU from another device (`.cpu()`, `.to("cpu")`, `copy_` into a CPU tensor) without
   `non_blocking=True`. On a CPU-only run these cannot occur; the rule is here for runs on a GPU.
-The copy that `tolist()` makes of a device tensor is part of that one sync, not a second one.
+The copy that `tolist()` makes of a device tensor is part of that one sync, not a second one. On a CPU run every
+tensor is a host tensor, so a scalar read of host-side bookkeeping (a CPU tensor of slots or lengths) counts too,
+although on a GPU it would not wait for the device: such bookkeeping belongs in Python values.
 
 `build_tiny_model` and `count_decode_step`, below, build the released 26B-A4B structure at tiny widths and count
 one decode step: the benchmark (benchmarks/step_ops.py) and the guard test (tests/test_step_ops.py) both use them.
