@@ -13,6 +13,10 @@ diagonal, ...; `reshape` and `flatten` reach the dispatcher as `view`, or as a c
 `_unsafe_view`), plus `_unsafe_view` (`EXTRA_VIEW_OPS`), which has no aliasing annotation but is also metadata only.
 In-place and `out=` ops write through their alias and are counted.
 
+Ops that are one kernel on a GPU but a composite on the CPU count once (`FUSED_ON_GPU`, seen by a
+`TorchFunctionMode` before they decompose): `rms_norm` is `_fused_rms_norm` on CUDA, and pow, mean, add, rsqrt and
+two muls on the CPU. (`_grouped_mm` and CPU attention already reach the dispatcher as one op.)
+
 A host sync is where the host waits for the device:
 - `Tensor.tolist()` (wrapped; one sync per call, whatever the device, since the tensor would live on the GPU there),
 - `aten._local_scalar_dense`, which `.item()`, `int(t)`, `float(t)` and `bool(t)` call,
@@ -37,10 +41,13 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 EXTRA_VIEW_OPS = frozenset({"_unsafe_view"})  # metadata-only ops whose schema carries no alias annotation
 SCALAR_READ_OPS = frozenset({"_local_scalar_dense"})  # .item(), int(t), float(t), bool(t)
+FUSED_ON_GPU = {F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm"}  # function -> the one op it counts as
 
 
 def is_view(func) -> bool:
@@ -97,19 +104,39 @@ def _caller() -> str:
     return "?"
 
 
-class _Counting(TorchDispatchMode):
-    def __init__(self, counts: OpCounts, in_tolist: threading.local):
+class _Fused(TorchFunctionMode):
+    """Counts a `FUSED_ON_GPU` function as one op and tells `_Counting` to skip the ops it decomposes into."""
+
+    def __init__(self, counts: OpCounts, state: threading.local):
         super().__init__()
-        self.counts, self.in_tolist = counts, in_tolist
+        self.counts, self.state = counts, state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = FUSED_ON_GPU.get(func)
+        if name is None or getattr(self.state, "fused", False):
+            return func(*args, **(kwargs or {}))
+        self.counts.ops += 1
+        self.counts.by_op[name] += 1
+        self.state.fused = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.state.fused = False
+
+
+class _Counting(TorchDispatchMode):
+    def __init__(self, counts: OpCounts, state: threading.local):
+        super().__init__()
+        self.counts, self.state = counts, state
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c = self.counts
-        if not is_view(func):
+        if not is_view(func) and not getattr(self.state, "fused", False):
             name = func.overloadpacket.__name__
             c.ops += 1
             c.by_op[name] += 1
-            if not getattr(self.in_tolist, "on", False):  # tolist's own copy/reads belong to its one sync
+            if not getattr(self.state, "in_tolist", False):  # tolist's own copy/reads belong to its one sync
                 if name in SCALAR_READ_OPS:
                     c.add_sync(name)
                 elif is_blocking_host_copy(func, args, kwargs):
@@ -120,23 +147,23 @@ class _Counting(TorchDispatchMode):
 @contextlib.contextmanager
 def count_ops():
     """Count non-view aten ops and host syncs of the code in the block (this thread). Yields an `OpCounts`."""
-    counts, in_tolist = OpCounts(), threading.local()
+    counts, state = OpCounts(), threading.local()
     original = torch.Tensor.tolist
 
     def tolist(self, *a, **k):
-        if getattr(in_tolist, "on", False):
+        if getattr(state, "in_tolist", False):
             return original(self, *a, **k)
         counts.add_sync("tolist")
-        in_tolist.on = True
+        state.in_tolist = True
         try:
             return original(self, *a, **k)
         finally:
-            in_tolist.on = False
+            state.in_tolist = False
 
     own = "tolist" in vars(torch.Tensor)  # False: inherited from the C base class
     torch.Tensor.tolist = tolist
     try:
-        with _Counting(counts, in_tolist):
+        with _Fused(counts, state), _Counting(counts, state):
             yield counts
     finally:
         if own:

@@ -46,6 +46,18 @@ def test_views_are_not_counted_and_real_ops_are():
     assert c.ops == 5
 
 
+def test_rms_norm_counts_as_the_one_kernel_it_is_on_a_gpu():
+    x, w = torch.randn(4, 8), torch.rand(8)
+    with count_ops() as c:
+        torch.nn.functional.rms_norm(x, (8,), w, 1e-6)
+        torch.rms_norm(x, (8,), None, 1e-6)
+        x.pow(2).mean(-1)  # the same ops outside a norm still count
+    assert c.by_op == {"rms_norm": 2, "pow": 1, "mean": 1}, c.by_op
+    with count_ops() as c:
+        torch.nn.functional.rms_norm(x, (8,), w, 1e-6).sum().item()
+    assert (c.ops, c.syncs) == (3, 1), c.by_op
+
+
 def test_host_syncs_are_counted_once_each():
     x = torch.arange(6)
     with count_ops() as c:
