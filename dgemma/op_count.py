@@ -15,7 +15,8 @@ In-place and `out=` ops write through their alias and are counted.
 
 Ops that are one kernel on a GPU but a composite on the CPU count once (`FUSED_ON_GPU`, seen by a
 `TorchFunctionMode` before they decompose): `rms_norm` is `_fused_rms_norm` on CUDA, and pow, mean, add, rsqrt and
-two muls on the CPU. (`_grouped_mm` and CPU attention already reach the dispatcher as one op.)
+two muls on the CPU. Higher-order operators (`flex_attention`, which runs as a math composite in eager mode on the
+CPU) count once too. (`_grouped_mm` and SDPA already reach the dispatcher as one op.)
 
 A host sync is where the host waits for the device:
 - `Tensor.tolist()` (wrapped; one sync per call, whatever the device, since the tensor would live on the GPU there),
@@ -125,6 +126,8 @@ class _Fused(TorchFunctionMode):
 
 
 class _Counting(TorchDispatchMode):
+    supports_higher_order_operators = True  # flex_attention & co. count as one op (one fused kernel on a GPU)
+
     def __init__(self, counts: OpCounts, state: threading.local):
         super().__init__()
         self.counts, self.state = counts, state
@@ -132,6 +135,11 @@ class _Counting(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         c = self.counts
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            if not getattr(self.state, "fused", False):
+                c.ops += 1
+                c.by_op[func.name()] += 1
+            return func(*args, **kwargs)  # this mode is off inside: the ops it runs on the CPU are not counted
         if not is_view(func) and not getattr(self.state, "fused", False):
             name = func.overloadpacket.__name__
             c.ops += 1
@@ -163,7 +171,9 @@ def count_ops():
     own = "tolist" in vars(torch.Tensor)  # False: inherited from the C base class
     torch.Tensor.tolist = tolist
     try:
-        with _Fused(counts, state), _Counting(counts, state):
+        # torch.compile cannot trace under a dispatch mode (nor can eager flex_attention, which compiles its
+        # operator internally): inside the block compiled functions run eagerly, and their eager ops are counted.
+        with torch.compiler.set_stance("force_eager"), _Fused(counts, state), _Counting(counts, state):
             yield counts
     finally:
         if own:

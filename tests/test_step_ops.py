@@ -15,6 +15,8 @@ The counter itself (dgemma/op_count.py) is tested first, on hand-made cases.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,6 +58,22 @@ def test_rms_norm_counts_as_the_one_kernel_it_is_on_a_gpu():
     with count_ops() as c:
         torch.nn.functional.rms_norm(x, (8,), w, 1e-6).sum().item()
     assert (c.ops, c.syncs) == (3, 1), c.by_op
+
+
+def test_flex_attention_and_compiled_code_are_counted_eagerly():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, k, v = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    mask = create_block_mask(lambda b, h, qi, ki: ki < 128 + qi, 1, 1, 128, 256, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        expected = flex_attention(q, k, v, block_mask=mask)
+    compiled = torch.compile(lambda x: (x * 2 + 1).sin(), fullgraph=True)
+    with count_ops() as c:
+        out = flex_attention(q, k, v, block_mask=mask)  # its internal torch.compile cannot run under a dispatch mode
+        compiled(q)  # nor can this: it runs eagerly, uncompiled
+    assert c.by_op == {"flex_attention": 1, "mul": 1, "add": 1, "sin": 1}, c.by_op
+    assert torch.equal(out, expected)
 
 
 def test_host_syncs_are_counted_once_each():
