@@ -215,17 +215,18 @@ def count_decode_step(model, batch: int, batch_invariant: bool, prompt_len: int 
                       seed: int = 0) -> OpCounts:
     """Ops and syncs of one `Engine.step()` in which all `batch` rows denoise.
 
-    `batch` requests with `prompt_len`-token random prompts are prefilled, then `warmup` denoising steps run (the
-    first one of a canvas has no self-conditioning signal yet, so at least two are needed to reach the steady
+    `batch` requests with `prompt_len`-token random prompts are prefilled, then `warmup` steps that denoise every
+    row run (the first one of a canvas has no self-conditioning signal yet, so two are needed to reach the steady
     state), then one more step is counted. No request can finish in between: the confidence threshold is 0 and
     the step budget is larger than the steps taken.
     """
     from .engine import Engine, EngineConfig
     from .sampling_params import SamplingParams
 
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 (the first denoising step), got {warmup}")
     C, V = model.config.canvas_length, model.text.vocab_size
-    # torch.compile refuses to run under a dispatch mode, and the budget is defined on the eager ops: an engine
-    # that can compile its step is counted uncompiled.
+    # The budget is defined on the eager ops (and compiled code runs eagerly inside count_ops anyway).
     eager = {"compile": False} if "compile" in {f.name for f in fields(EngineConfig)} else {}
     engine = Engine(model, eos_token_ids=[], config=EngineConfig(
         max_num_seqs=batch, max_model_len=prompt_len + 2 * C, batch_invariant=batch_invariant, **eager))
@@ -234,13 +235,18 @@ def count_decode_step(model, batch: int, batch_invariant: bool, prompt_len: int 
         prompt = torch.randint(3, V, (prompt_len,), generator=g).tolist()
         engine.add_request(prompt, SamplingParams(max_new_tokens=C, max_denoising_steps=warmup + 8,
                                                   confidence_threshold=0.0, seed=seed + i, ignore_eos=True))
+    stats = getattr(engine, "stats", None)
+    if not isinstance(stats, dict) or not {"decoder_forwards", "forwards"} <= stats.keys():
+        raise RuntimeError("count_decode_step reads Engine.stats['decoder_forwards'] and ['forwards'] to know which "
+                           "step denoises every row; this engine has no such counters")
     decoded = lambda: engine.stats["decoder_forwards"]  # noqa: E731
-    for _ in range(prompt_len // max(1, engine.cfg.prefill_chunk) + 2):  # prefill: encoder-only steps
-        if decoded():
+    for _ in range(64):  # prefill (however the engine chunks it) until a step denoises every row
+        before = decoded()
+        _check_events(engine.step(), "prefill")
+        if decoded() - before == batch:
             break
-        _check_events(engine.step(), "prefill or first denoising step")
-    if decoded() != batch:
-        raise RuntimeError(f"expected the first denoising step to run {batch} rows, ran {decoded()}")
+    else:
+        raise RuntimeError(f"no step denoised all {batch} rows within 64 steps")
     for _ in range(warmup - 1):
         _check_events(engine.step(), "warm-up step")
     before = (decoded(), engine.stats["forwards"])
