@@ -126,6 +126,15 @@ def experts_hit(engine: Engine, requests) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
+def memory_plans(cfg: ModelConfig, batches, max_model_len: int, batch_invariant: bool, device: str,
+                 available: int = -1) -> dict:
+    """The engine's memory plan in bf16 per batch size (`available=-1`: what the device has free now)."""
+    from dgemma.server.memory import plan
+
+    return {b: plan(cfg, torch.bfloat16, device=device, max_num_seqs=b, max_model_len=max_model_len,
+                    batch_invariant=batch_invariant, available=available) for b in batches}
+
+
 def engine_options(compile: bool) -> dict:
     """EngineConfig keywords for `--compile`: refused clearly by an engine that has no such option."""
     if not compile:
@@ -168,10 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     C, V = cfg.canvas_length, cfg.text.vocab_size
     max_len = args.prompt + args.new_tokens + C
 
-    from dgemma.server.memory import plan
-    for b in args.batches:
-        p = plan(cfg, torch.bfloat16, device=str(device), max_num_seqs=b, max_model_len=max_len,
-                 batch_invariant=args.batch_invariant)
+    for b, p in memory_plans(cfg, args.batches, max_len, args.batch_invariant, str(device)).items():
         if not p.fits:
             raise SystemExit(f"batch {b} does not fit on {name}:\n{p.describe()}")
     model = materialise(cfg, device)

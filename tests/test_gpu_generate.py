@@ -33,6 +33,15 @@ def test_released_weights_fit_an_80gb_card_in_bf16_only(released_meta):
     assert sum(p.numel() * 4 for p in params) > 100e9  # why the weights must never exist in fp32, even briefly
 
 
+def test_default_run_plans_within_an_80gb_card_in_both_modes():
+    # prompt 1,024 + 1,024 new tokens + one canvas; an H100's 80 GB shows as about 79.1 GiB free
+    for exact in (False, True):
+        plans = gpu_generate.memory_plans(gpu_generate.model_config(), [1, 8], 2304, exact, "cuda",
+                                          available=int(79.1 * 2**30))
+        assert all(p.fits for p in plans.values()), plans[8].describe()
+        assert dict(plans[8].parts)["weights"] < 51e9
+
+
 def test_step_bytes_is_the_52_gb_floor_at_the_released_size(released_meta):
     per_step = gpu_generate.step_bytes(released_meta)
     assert per_step == pytest.approx(52.0e9, rel=0.01)
