@@ -1,12 +1,26 @@
-"""GPU speed at the real size: the 26B-A4B configuration with random bf16 weights.
+"""GPU speed at the real size: the 26B-A4B configuration with random bf16 weights, against the bandwidth floor.
 
-    python benchmarks/gpu_generate.py                      # batch 1, prompt 1024, output 1024, 16 steps/canvas
-    python benchmarks/gpu_generate.py --layers 6 --experts 32   # a scaled-down smoke run
+    python benchmarks/gpu_generate.py                          # batches 1 and 8, fast mode, bf16 (fits an 80 GB card)
+    python benchmarks/gpu_generate.py --compile                # with EngineConfig.compile, where the engine has it
+    python benchmarks/gpu_generate.py --batch-invariant        # exact mode instead of the server's fast mode
+    python benchmarks/gpu_generate.py --device cpu --tiny --layers 6 --experts 8 --prompt 32 --new-tokens 32 \
+        --steps 2 --batches 1 2 --peak-tbps 0.05               # a dry run of the same code on the CPU (tests/)
 
-Reports generation tokens/s and the fraction of the memory-bandwidth floor: every weight that a canvas step
-touches (all dense weights, the embedding twice (head and self-conditioning), and each expert routed to at least
-once, counted from the actual routing), read once per step at the card's peak bandwidth. Prints a table and writes
-benchmarks/results/gpu_generate.json. Needs CUDA; the weights are created on the GPU, nothing is downloaded.
+The weights are built on the meta device and materialised once, directly in bf16 on the GPU (50.5 GB; in fp32 they
+would be 101 GB), then filled with random values; the RoPE inverse frequencies stay fp32 on the device. The
+engine's memory plan (`dgemma.server.memory.plan`) is checked first, so a configuration that cannot fit is refused
+before anything is allocated. Nothing is downloaded.
+
+Each batch size gets its own engine in fast mode (`batch_invariant=False`, what the server runs on a GPU) unless
+`--batch-invariant`; it is warmed up with one canvas, then one generation of `--new-tokens` per request with
+exactly `--steps` denoising steps per canvas (confidence threshold 0) is timed with CUDA events. A routing probe
+(a forward hook on every router, counting the experts hit) runs afterwards, outside the timed region.
+
+The floor: one denoising step reads every dense weight once, the embedding twice (LM head and self-conditioning)
+and every expert that the canvas routes to. A 256-token canvas with top-8 of 128 touches essentially all of them:
+~52.0 GB per step, 15.5 ms on an H100 SXM (3.35 TB/s), 10.8 ms on an H200 (4.8 TB/s). `fraction_of_floor` is
+(denoising steps x bytes per step / peak bandwidth) / measured time, for all experts and for the experts the probe
+saw hit. Prints a table and writes benchmarks/results/gpu_generate.json.
 """
 
 from __future__ import annotations
@@ -14,94 +28,215 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from dgemma.config import ModelConfig, release_26b_a4b_text
+from dgemma.config import FULL, SLIDING, ModelConfig, release_26b_a4b_text
 from dgemma.engine import Engine, EngineConfig
 from dgemma.model import DiffusionGemma
-from dgemma.moe import Experts
+from dgemma.moe import Router
+from dgemma.op_count import TINY_WIDTHS
+from dgemma.rope import inv_frequencies
 from dgemma.sampling_params import SamplingParams
 
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM)
+# Peak HBM bandwidth in bytes/s, matched against torch.cuda.get_device_name() in this order (first match wins).
+PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                  ("A100", 2.0e12))
+TINY_VOCAB = 4096
 
 
-def main() -> None:
+def model_config(layers: int = 30, experts: int = 128, tiny: bool = False, canvas: int = 256) -> ModelConfig:
+    """The released 26B-A4B text config (spec 1.2), optionally with fewer layers/experts or tiny widths."""
+    over = dict(num_hidden_layers=layers, num_experts=experts, top_k_experts=min(8, experts))
+    if tiny:
+        over.update(TINY_WIDTHS, vocab_size=TINY_VOCAB)
+    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
+                                  "text_config": release_26b_a4b_text(**over), "eos_token_id": [1, 106, 50]})
+
+
+def materialise(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+                seed: int = 0) -> DiffusionGemma:
+    """Random weights built on `meta` and allocated once, in `dtype`, on `device` (never a full fp32 copy)."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.init_weights(generator=torch.Generator(device).manual_seed(seed))
+    t = cfg.text
+    for lt, dim in ((SLIDING, t.head_dim), (FULL, t.global_head_dim)):  # fp32, on the device: not rounded to bf16
+        if hasattr(model, f"inv_freq_{lt}"):
+            setattr(model, f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim).to(device))
+    return model.eval()
+
+
+def step_bytes(model: DiffusionGemma, experts_hit_per_layer: float | None = None) -> int:
+    """Bytes one denoising step reads: dense weights once, the embedding twice, `experts_hit_per_layer` experts
+    in each layer (None: all)."""
+    t = model.text
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    e = model.layers[0].experts
+    per_expert = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
+    all_experts = t.num_hidden_layers * t.num_experts * per_expert
+    hit = t.num_experts if experts_hit_per_layer is None else experts_hit_per_layer
+    embed = model.embed_tokens.weight
+    return round(total - all_experts + embed.numel() * embed.element_size() + t.num_hidden_layers * hit * per_expert)
+
+
+class Clock:
+    """Wall time of a region: CUDA events on a GPU (no host sync inside the region), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def experts_hit(engine: Engine, requests) -> float | None:
+    """Mean distinct experts per router call over one untimed run of `requests` (None if no router ran eagerly)."""
+    hits = []
+
+    def hook(module, args, out):
+        idx = next((o for o in (out if isinstance(out, tuple) else (out,))
+                    if isinstance(o, torch.Tensor) and not o.is_floating_point()), None)
+        if idx is not None:
+            hits.append(torch.unique(idx).numel())
+
+    handles = [m.register_forward_hook(hook) for m in engine.model.modules() if isinstance(m, Router)]
+    try:
+        engine.run(requests)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(hits) / len(hits) if hits else None
+
+
+def memory_plans(cfg: ModelConfig, batches, max_model_len: int, batch_invariant: bool, device: str,
+                 available: int = -1) -> dict:
+    """The engine's memory plan in bf16 per batch size (`available=-1`: what the device has free now)."""
+    from dgemma.server.memory import plan
+
+    return {b: plan(cfg, torch.bfloat16, device=device, max_num_seqs=b, max_model_len=max_model_len,
+                    batch_invariant=batch_invariant, available=available) for b in batches}
+
+
+def engine_options(compile: bool) -> dict:
+    """EngineConfig keywords for `--compile`: refused clearly by an engine that has no such option."""
+    if not compile:
+        return {}
+    if "compile" not in {f.name for f in fields(EngineConfig)}:
+        raise SystemExit("--compile: this engine has no EngineConfig.compile option")
+    return {"compile": True}
+
+
+def peak_bandwidth(device: torch.device, override_tbps: float | None) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", override_tbps * 1e12 if override_tbps else None
+    name = torch.cuda.get_device_name(device)
+    if override_tbps:
+        return name, override_tbps * 1e12
+    return name, next((v for k, v in PEAK_BANDWIDTH if k in name), None)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (no early stop)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--batch-invariant", action="store_true", help="measure with the batch-invariant mode on")
-    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run of the script)")
+    ap.add_argument("--batch-invariant", action="store_true", help="exact mode (default: fast mode, as served)")
+    ap.add_argument("--compile", action="store_true", help="EngineConfig(compile=True), if this engine has it")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a dry run of the script)")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (hidden 64, vocab 4096): for dry runs")
+    ap.add_argument("--peak-tbps", type=float, help="peak memory bandwidth in TB/s (default: from the GPU's name)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_generate.json"))
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_generate.py needs a CUDA GPU (or --device cpu for a smoke run)")
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_generate.py needs a CUDA GPU (or --device cpu --tiny for a dry run)")
+    extra = engine_options(args.compile)
+    name, peak = peak_bandwidth(device, args.peak_tbps)
+    cfg = model_config(args.layers, args.experts, args.tiny)
+    C, V = cfg.canvas_length, cfg.text.vocab_size
+    max_len = args.prompt + args.new_tokens + C
 
-    text = release_26b_a4b_text(num_hidden_layers=args.layers, num_experts=args.experts,
-                                top_k_experts=min(8, args.experts))
-    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": text,
-                                 "eos_token_id": [1, 106, 50]})
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = DiffusionGemma(cfg).to(torch.bfloat16)
-    model.init_weights()
-    model.eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for b, p in memory_plans(cfg, args.batches, max_len, args.batch_invariant, str(device)).items():
+        if not p.fits:
+            raise SystemExit(f"batch {b} does not fit on {name}:\n{p.describe()}")
+    model = materialise(cfg, device)
+    results = {"device": name, "peak_bandwidth_bytes_s": peak, "layers": args.layers, "experts": args.experts,
+               "vocab": V, "prompt": args.prompt, "new_tokens_per_request": args.new_tokens,
+               "steps_per_canvas": args.steps, "batch_invariant": args.batch_invariant, "compile": args.compile,
+               "weight_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+               "bytes_per_step_all_experts_gb": step_bytes(model) / 1e9, "batches": {}}
+    g = torch.Generator().manual_seed(0)
+    for b in args.batches:
+        engine = Engine(model, eos_token_ids=[], config=EngineConfig(
+            max_num_seqs=b, max_model_len=max_len, batch_invariant=args.batch_invariant, **extra))
+        prompts = [torch.randint(3, V, (args.prompt,), generator=g).tolist() for _ in range(b)]
 
-    hit = []  # experts routed to per layer call
-    orig = Experts.forward
+        def requests(new_tokens, seed):
+            return [(p, SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=args.steps,
+                                       confidence_threshold=0.0, seed=seed + i, ignore_eos=True))
+                    for i, p in enumerate(prompts)]
 
-    def counting(self, x, weights, idx):
-        hit.append(int(torch.unique(idx).numel()))
-        return orig(self, x, weights, idx)
+        engine.run(requests(C, 1000))  # warm-up: one canvas per request (allocations, compilation, graphs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with Clock(device) as clock:
+            outs = engine.run(requests(args.new_tokens, 0))
+        hit = None if args.compile else experts_hit(engine, requests(C, 2000))  # untimed, after the timed run
+        tokens = sum(len(o.token_ids) for o in outs)
+        steps = max(o.decoder_forwards for o in outs)  # batch rows denoise in the same forwards
+        r = {"tokens": tokens, "seconds": clock.seconds, "tokens_per_s": tokens / clock.seconds,
+             "denoising_steps": steps, "ms_per_step": 1e3 * clock.seconds / steps,
+             "mean_experts_hit_per_layer": hit}
+        if device.type == "cuda":
+            r["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        for label, nbytes in (("all_experts", step_bytes(model)), ("experts_hit", step_bytes(model, hit))):
+            if peak and (label == "all_experts" or hit is not None):
+                floor_s = steps * nbytes / peak
+                r[f"floor_s_{label}"] = floor_s
+                r[f"floor_tokens_per_s_{label}"] = tokens / floor_s
+                r[f"fraction_of_floor_{label}"] = floor_s / clock.seconds
+        results["batches"][str(b)] = r
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    engine = Engine(model, eos_token_ids=[], config=EngineConfig(
-        max_num_seqs=1, max_model_len=args.prompt + args.new_tokens + 256, batch_invariant=args.batch_invariant))
-    prompt = torch.randint(3, text["vocab_size"], (args.prompt,)).tolist()
-    params = SamplingParams(max_new_tokens=args.new_tokens, max_denoising_steps=args.steps,
-                            confidence_threshold=0.0, seed=0, ignore_eos=True)
-    engine.run([(prompt, SamplingParams(max_new_tokens=256, max_denoising_steps=2, confidence_threshold=0.0,
-                                        seed=1, ignore_eos=True))])  # warm-up
-    sync()
-    Experts.forward = counting
-    t = time.perf_counter()
-    out = engine.run([(prompt, params)])[0]
-    sync()
-    elapsed = time.perf_counter() - t
-    Experts.forward = orig
-
-    e = model.layers[0].experts
-    expert_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * 2
-    all_expert_bytes = args.layers * args.experts * expert_bytes
-    dense_bytes = weight_bytes - all_expert_bytes
-    embed_bytes = model.embed_tokens.weight.numel() * 2
-    n_layer_calls = len(hit) or 1
-    mean_hit = sum(hit) / n_layer_calls
-    step_bytes = dense_bytes + embed_bytes + args.layers * mean_hit * expert_bytes  # head + SC read the embedding
-    steps = out.decoder_forwards
-    floor_s = steps * step_bytes / peak if peak else None
-    r = {
-        "device": name, "layers": args.layers, "experts": args.experts, "prompt": args.prompt,
-        "new_tokens": len(out.token_ids), "steps_per_canvas": out.steps_per_canvas, "seconds": elapsed,
-        "tokens_per_s": len(out.token_ids) / elapsed, "weight_gb": weight_bytes / 1e9,
-        "bytes_per_step_gb": step_bytes / 1e9, "mean_experts_hit_per_layer": mean_hit,
-        "memory_floor_s": floor_s, "fraction_of_floor": (floor_s / elapsed) if floor_s else None,
-        "floor_tokens_per_s": (len(out.token_ids) / floor_s) if floor_s else None,
-        "batch_invariant": args.batch_invariant,
-    }
-    print(f"{name}: {r['tokens_per_s']:.1f} tok/s, {steps} decoder steps, {r['bytes_per_step_gb']:.1f} GB/step, "
-          f"experts hit/layer {mean_hit:.1f}/{args.experts}")
-    if floor_s:
-        print(f"memory-bandwidth floor: {r['floor_tokens_per_s']:.0f} tok/s; reached {100 * r['fraction_of_floor']:.1f}%")
+    mode = "exact (batch-invariant)" if args.batch_invariant else "fast"
+    print(f"\n{name}, {mode} mode{', compiled' if args.compile else ''}, {results['weight_gb']:.1f} GB of bf16 "
+          f"weights, {results['bytes_per_step_all_experts_gb']:.1f} GB read per step (all experts)")
+    head = f"{'batch':>5} | {'tok/s':>8} | {'ms/step':>8} | {'floor tok/s':>11} | {'of floor':>8} | {'experts hit':>11}"
+    print(head + "\n" + "-" * len(head))
+    for b, r in results["batches"].items():
+        floor_tps, frac = r.get("floor_tokens_per_s_all_experts"), r.get("fraction_of_floor_all_experts")
+        hit = r["mean_experts_hit_per_layer"]
+        print(f"{b:>5} | {r['tokens_per_s']:>8.1f} | {r['ms_per_step']:>8.2f} | "
+              f"{'n/a' if floor_tps is None else f'{floor_tps:.0f}':>11} | "
+              f"{'n/a' if frac is None else f'{100 * frac:.1f}%':>8} | {'n/a' if hit is None else f'{hit:.1f}':>11}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(r, indent=2))
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":
