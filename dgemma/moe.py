@@ -91,7 +91,10 @@ class Router(nn.Module):
 
         Both modes keep the reference's arithmetic: in bf16 a shortcut (the softmax of the top-k scores, or the scale
         folded into the norm) picks other experts at near-ties often enough to double the logit error."""
-        scores = self.proj(self.norm(residual) * self.scale * self.root)
+        if batch_invariant.enabled():
+            scores = self.proj(self.norm(residual) * self.scale * self.root)
+        else:  # fast: the scale as the norm's weight (one kernel less)
+            scores = self.proj(rms_norm(residual, self.scale, self.norm.eps) * self.root)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
@@ -104,6 +107,7 @@ class Experts(nn.Module):
         e, h, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))  # [E, gate rows | up rows, H]
         self.down_proj = nn.Parameter(torch.empty(e, h, m))  # [E, H, M]
+        self._ends: torch.Tensor | None = None  # 1..E, the group ends searched for in the sorted ids (made once)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
@@ -127,7 +131,9 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
-        ends = torch.arange(1, w1.shape[0] + 1, device=ids.device, dtype=ids.dtype)
+        ends = self._ends
+        if ends is None or ends.device != ids.device:
+            ends = self._ends = torch.arange(1, w1.shape[0] + 1, device=ids.device)
         offs = torch.searchsorted(ids, ends, out_int32=True)
         gate, up = _grouped_mm(xs, w1.transpose(1, 2), offs).chunk(2, dim=-1)
         return _grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs)

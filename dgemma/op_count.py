@@ -48,7 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 EXTRA_VIEW_OPS = frozenset({"_unsafe_view"})  # metadata-only ops whose schema carries no alias annotation
 SCALAR_READ_OPS = frozenset({"_local_scalar_dense"})  # .item(), int(t), float(t), bool(t)
-FUSED_ON_GPU = {F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm"}  # function -> the one op it counts as
+FUSED_ON_GPU = {F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",  # function -> the one op it counts as
+                torch.ops.aten._fused_rms_norm: "rms_norm", torch.ops.aten._fused_rms_norm.default: "rms_norm"}
 
 
 def is_view(func) -> bool:
