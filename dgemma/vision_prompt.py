@@ -1,0 +1,105 @@
+"""A request's images inside its prompt: where their soft tokens go, and how the prefill puts them there.
+
+An image occupies `<boi> <image> * n <eoi>` in the prompt. During the prefill the encoder's input rows at the
+`<image>` tokens are replaced by the image's soft tokens (vision tower + multimodal embedder), and the tokens of one
+image attend to each other bidirectionally, in every layer (what transformers' DiffusionGemma does with
+`use_bidirectional_attention="vision"`). Everything after the prefill (the decoder, the canvas, commits) is text.
+
+The engine's hooks are three calls, each marked `[vision]`:
+- `PromptImages.build(...)` when a request is added;
+- `chunk_end(...)` so that a prefill chunk never cuts an image in two (its bidirectional block must be in one
+  forward);
+- `attach(...)` on the prefill segment: runs the vision tower once per request (batched over the requests that
+  need it in this step) and sets the segment's `image_embeds` / `image_blocks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .image_processing import ProcessedImage
+
+
+@dataclass
+class PromptImages:
+    pixel_values: torch.Tensor  # [N, P, 3*p*p] float32: N images, P = max_patches
+    positions: torch.Tensor  # [N, P, 2] long patch positions, (-1, -1) for padding
+    token_index: torch.Tensor  # [T] long: prompt indices of the image tokens, image after image
+    blocks: torch.Tensor  # [prompt length] long: image number of each prompt token, -1 for text
+    counts: list[int]  # soft tokens per image
+    digests: list[str] = field(default_factory=list)  # sha256 of each image's pixels (cache keys)
+    embeds: torch.Tensor | None = None  # [T, H] soft tokens, filled by the first prefill step
+
+    @classmethod
+    def build(cls, prompt: list[int], images: list[ProcessedImage], image_token_id: int) -> "PromptImages":
+        """Check that the prompt holds one contiguous run of `count` image tokens per image, in order."""
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        is_img = ids == image_token_id
+        starts = (is_img & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_img[:-1]])).nonzero().flatten()
+        ends = (is_img & ~torch.cat([is_img[1:], torch.zeros(1, dtype=torch.bool)])).nonzero().flatten() + 1
+        runs = (ends - starts).tolist()
+        counts = [im.num_soft_tokens for im in images]
+        if runs != counts:
+            raise ValueError(f"the prompt's image-token runs {runs} do not match the images' soft-token counts "
+                             f"{counts} (expand each image placeholder with image_processing.expand_image_tokens)")
+        blocks = torch.full((len(prompt),), -1, dtype=torch.long)
+        for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+            blocks[a:b] = i
+        return cls(torch.stack([im.pixel_values for im in images]), torch.stack([im.positions for im in images]),
+                   is_img.nonzero().flatten(), blocks, counts, [im.digest for im in images])
+
+
+def chunk_end(images: PromptImages | None, start: int, chunk: int, length: int) -> int:
+    """End of the prefill chunk that begins at `start`: `start + chunk`, moved back to the start of an image it
+    would cut (or, when the image begins the chunk, on to its end)."""
+    end = min(start + chunk, length)
+    if images is None or end >= length:
+        return end
+    b = int(images.blocks[end])
+    if b < 0 or int(images.blocks[end - 1]) != b:
+        return end
+    first = int((images.blocks == b).nonzero()[0])
+    return first if first > start else int((images.blocks == b).nonzero()[-1]) + 1
+
+
+@torch.no_grad()
+def encode(vision, requests: list[PromptImages]) -> None:
+    """Fill `embeds` of every request that lacks them, with one vision-tower call over all their images."""
+    todo = [r for r in requests if r.embeds is None]
+    if not todo:
+        return
+    dev = next(vision.parameters()).device
+    pv = torch.cat([r.pixel_values for r in todo]).to(dev)
+    pos = torch.cat([r.positions for r in todo]).to(dev)
+    feats = vision(pv, pos)
+    i = 0
+    for r in todo:
+        n = len(r.counts)
+        r.embeds = torch.cat(feats[i:i + n])
+        i += n
+
+
+def attach(segment, model, rows: list[tuple[PromptImages | None, int]]) -> None:
+    """Give an encode segment its rows' soft tokens and image blocks. rows[b] = (images or None, prompt index of
+    the row's first token); the segment's width is its input_ids' second dimension."""
+    live = [(b, im, start) for b, (im, start) in enumerate(rows) if im is not None]
+    if not live:
+        return
+    if model.vision is None:
+        raise ValueError("this model has no vision tower: it cannot read images")
+    encode(model.vision, [im for _, im, _ in live])
+    width = segment.input_ids.shape[1]
+    dev = segment.input_ids.device
+    blocks = torch.full(segment.input_ids.shape, -1, dtype=torch.long)
+    index, embeds = [], []
+    for b, im, start in live:
+        n = int(segment.n_new[b])
+        blocks[b, :n] = im.blocks[start:start + n]
+        sel = (im.token_index >= start) & (im.token_index < start + n)
+        index.append(b * width + im.token_index[sel] - start)
+        embeds.append(im.embeds[sel.to(im.embeds.device)])
+    segment.image_blocks = blocks.to(dev)
+    if sum(len(i) for i in index):
+        segment.image_embeds = (torch.cat(index).to(dev), torch.cat(embeds).to(dev))
