@@ -74,6 +74,9 @@ class VisionConfig:
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
     soft_tokens_per_image: int = 280  # the image processor's max_soft_tokens (`vision_soft_tokens_per_image`)
+    # text_config.use_bidirectional_attention == "vision" (the release): an image's tokens attend to each other
+    # both ways in the encoder; otherwise they are causal like text.
+    bidirectional_images: bool = True
     source: str = field(default="config.json", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,7 +120,8 @@ class VisionConfig:
             rms_norm_eps=v.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", 100.0)),
             use_clipped_linears=bool(v.get("use_clipped_linears", False)),
             standardize=bool(v.get("standardize", False)),
-            soft_tokens_per_image=d.get("vision_soft_tokens_per_image", 280), source=source, **ids,
+            soft_tokens_per_image=d.get("vision_soft_tokens_per_image", 280), source=source,
+            bidirectional_images=(d.get("text_config") or {}).get("use_bidirectional_attention") == "vision", **ids,
         )
 
 

@@ -100,6 +100,7 @@ def attach(segment, model, rows: list[tuple[PromptImages | None, int]]) -> None:
         sel = (im.token_index >= start) & (im.token_index < start + n)
         index.append(b * width + im.token_index[sel] - start)
         embeds.append(im.embeds[sel.to(im.embeds.device)])
-    segment.image_blocks = blocks.to(dev)
+    if model.vision.cfg.bidirectional_images:
+        segment.image_blocks = blocks.to(dev)
     if sum(len(i) for i in index):
         segment.image_embeds = (torch.cat(index).to(dev), torch.cat(embeds).to(dev))
