@@ -164,3 +164,68 @@ def expand_image_tokens(ids: list[int], counts: list[int], image_token_id: int, 
         else:
             out.append(t)
     return out
+
+
+# MARK: chat messages
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL."""
+    import base64
+    import binascii
+
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ImageError("a data URL must look like data:image/png;base64,<data>")
+    if not head[5:].startswith("image/"):
+        raise ImageError(f"data URL media type {head[5:-7]!r} is not an image")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URL: invalid base64") from None
+
+
+def image_source(part: dict):
+    """What an image content part points at: {"type": "image", "image": PIL/bytes/path} (also "url"/"path"), or
+    OpenAI's {"type": "image_url", "image_url": {"url": ...}}. Returns the PIL image, bytes, path or URL string."""
+    if part.get("type") == "image_url":
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url:
+            raise ImageError("an image_url part needs image_url.url")
+        return url
+    for key in ("image", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    raise ImageError("an image part needs 'image' (a PIL image, bytes or a path), 'url' or 'path'")
+
+
+def split_chat_images(messages: list[dict]) -> tuple[list[dict], list]:
+    """Messages for the chat template (each image part becomes {"type": "image"}) and the image sources in order."""
+    out, sources = [], []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                             for p in content):
+            parts = []
+            for p in content:
+                if isinstance(p, dict) and p.get("type") in ("image", "image_url"):
+                    sources.append(image_source(p))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out, sources
+
+
+def open_source(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Offline resolution of an image source: PIL, bytes, a path, `data:` or `file://` URLs; never the network."""
+    if isinstance(source, str):
+        if source.startswith("data:"):
+            return load_image(decode_data_url(source), max_pixels)
+        if source.startswith(("http://", "https://")):
+            raise ImageError("remote image URLs are not fetched offline: download the image and pass its bytes")
+        if source.startswith("file://"):
+            source = source[len("file://"):]
+    return load_image(source, max_pixels)

@@ -104,3 +104,23 @@ def attach(segment, model, rows: list[tuple[PromptImages | None, int]]) -> None:
         segment.image_blocks = blocks.to(dev)
     if sum(len(i) for i in index):
         segment.image_embeds = (torch.cat(index).to(dev), torch.cat(embeds).to(dev))
+
+
+def chat_inputs(tokenizer, vision, messages: list[dict], resolve=None, **template_kwargs):
+    """Render a chat with image parts: (prompt ids with each image expanded to its soft-token run, PromptImages or
+    None). `resolve(source) -> PIL image` turns an image part's source into pixels (default: offline
+    image_processing.open_source); images need a model with a vision tower."""
+    from . import image_processing as ip
+
+    msgs, sources = ip.split_chat_images(messages)
+    if sources and vision is None:
+        raise ValueError("this model has no vision tower: it cannot read images (text-only checkpoint)")
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **template_kwargs)
+    if not sources:
+        return ids, None
+    cfg = vision.cfg
+    proc = ip.ImageProcessorConfig(cfg.patch_size, cfg.pooling_kernel_size, cfg.soft_tokens_per_image)
+    processed = [ip.preprocess((resolve or ip.open_source)(s), proc) for s in sources]
+    counts = [p.num_soft_tokens for p in processed]
+    ids = ip.expand_image_tokens(ids, counts, cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id)
+    return ids, PromptImages.build(ids, processed, cfg.image_token_id)

@@ -18,14 +18,14 @@ MAX_SOFT_TOKENS = 70  # the smallest budget transformers' processor accepts: 630
 
 
 def make_hf_vlm(canvas_length: int = 8, seed: int = 0, vision: dict | None = None, sc_gain: float = 1.0,
-                **text_overrides):
-    """make_hf_model with a random non-trivial vision tower and image-token ids inside the vocabulary."""
+                image_ids: tuple[int, int, int] = (IMAGE, BOI, EOI), **text_overrides):
+    """make_hf_model with a random non-trivial vision tower and image-token ids (image, boi, eoi) in the vocabulary."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     base = make_hf_model(canvas_length=canvas_length, seed=seed, sc_gain=sc_gain, **text_overrides)
     cfg = DiffusionGemmaConfig(text_config=base.config.text_config.to_dict(), vision_config=dict(vision or TINY_VISION),
-                               canvas_length=canvas_length, image_token_id=IMAGE, boi_token_id=BOI,
-                               eoi_token_id=EOI, vision_soft_tokens_per_image=MAX_SOFT_TOKENS)
+                               canvas_length=canvas_length, image_token_id=image_ids[0], boi_token_id=image_ids[1],
+                               eoi_token_id=image_ids[2], vision_soft_tokens_per_image=MAX_SOFT_TOKENS)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     model.load_state_dict({k: v for k, v in base.state_dict().items() if "vision" not in k}, strict=False)
@@ -67,3 +67,40 @@ def hf_processor(**kw):
 
     return Gemma4ImageProcessorPil(**{"patch_size": 4, "max_soft_tokens": MAX_SOFT_TOKENS, "pooling_kernel_size": 3,
                                       **kw})
+
+
+# The tiny tokenizer's chat template, printing the image token where a message has an image part (as Gemma 4's does).
+VLM_CHAT_TEMPLATE = """\
+{{- bos_token }}
+{%- for message in messages %}
+    {{- '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}
+    {%- if message['content'] is string %}
+        {{- message['content'] | trim }}
+    {%- else %}
+        {%- for part in message['content'] %}
+            {%- if part['type'] == 'text' %}{{- part['text'] | trim }}{%- elif part['type'] == 'image' %}{{- '<|image|>' }}{%- endif %}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<turn|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|turn>model\\n' }}{%- endif %}
+"""
+
+
+def make_vlm_checkpoint(path, canvas_length: int = 8, seed: int = 0):
+    """A tiny vision-language checkpoint with a byte-level BPE tokenizer whose special tokens <|image|>, <|image>,
+    <image|> (ids 7, 8, 9) are the image, begin-of-image and end-of-image tokens."""
+    from helpers import SAMPLE_TEXT
+
+    from dgemma.tokenizer_train import save_tokenizer_dir, train_bpe_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 4)
+    tok = train_bpe_tokenizer([corpus], vocab_size=320, special_tokens=["<|image|>", "<|image>", "<image|>"])
+    corpus.unlink()
+    hf = make_hf_vlm(canvas_length=canvas_length, seed=seed, sc_gain=0.1, image_ids=(7, 8, 9),
+                     vocab_size=tok.get_vocab_size(), use_bidirectional_attention="vision")
+    hf.save_pretrained(path)
+    save_tokenizer_dir(tok, path, chat_template=VLM_CHAT_TEMPLATE)
+    return path
