@@ -323,3 +323,32 @@ class Vision(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# MARK: cost
+
+
+@dataclass(frozen=True)
+class VisionCost:
+    """What encoding one image costs at a given soft-token budget (analytic, from the config)."""
+
+    patches: int
+    soft_tokens: int
+    flops: int  # multiply-adds x 2, matrix products and attention (norms, RoPE, GELU are O(T*H) and left out)
+    weight_bytes: int  # every weight of the tower and the embedder, read once per call
+    activation_bytes: int  # per image: fp32 upper bound of one layer's per-token temporaries
+    attention_bytes: int  # one image's attention scores if materialised (math path; fused kernels need none)
+
+
+def cost(cfg: VisionConfig, soft_tokens: int, dtype_bytes: int = 2) -> VisionCost:
+    k2 = cfg.pooling_kernel_size ** 2
+    t = soft_tokens * k2
+    h, i, d, nq, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    per_layer = 2 * t * h * d * (2 * nq + 2 * nkv) + 2 * t * 3 * h * i + 2 * 2 * t * t * nq * d
+    flops = 2 * t * cfg.patch_dim * h + cfg.num_hidden_layers * per_layer + 2 * soft_tokens * h * cfg.text_hidden_size
+    params = (cfg.patch_dim * h + 2 * cfg.position_embedding_size * h
+              + cfg.num_hidden_layers * (h * d * (2 * nq + 2 * nkv) + 3 * h * i + 4 * h + 2 * d)
+              + h * cfg.text_hidden_size + (2 * h if cfg.standardize else 0))
+    per_token = 4 * (8 * h + 3 * i + 4 * nq * d)
+    return VisionCost(t, soft_tokens, flops, params * dtype_bytes, t * per_token, 3 * nq * t * t * 4)

@@ -64,16 +64,22 @@ def chunk_end(images: PromptImages | None, start: int, chunk: int, length: int) 
     return first if first > start else int((images.blocks == b).nonzero()[-1]) + 1
 
 
+IMAGES_PER_CALL = 8  # images per vision-tower call: bounds its activations (see server/memory.py)
+
+
 @torch.no_grad()
 def encode(vision, requests: list[PromptImages]) -> None:
-    """Fill `embeds` of every request that lacks them, with one vision-tower call over all their images."""
+    """Fill `embeds` of every request that lacks them: their images go through the tower together, at most
+    IMAGES_PER_CALL at a time (an image's result does not depend on its batch mates)."""
     todo = [r for r in requests if r.embeds is None]
     if not todo:
         return
     dev = next(vision.parameters()).device
-    pv = torch.cat([r.pixel_values for r in todo]).to(dev)
-    pos = torch.cat([r.positions for r in todo]).to(dev)
-    feats = vision(pv, pos)
+    pv = torch.cat([r.pixel_values for r in todo])
+    pos = torch.cat([r.positions for r in todo])
+    feats = []
+    for a in range(0, pv.shape[0], IMAGES_PER_CALL):
+        feats += vision(pv[a:a + IMAGES_PER_CALL].to(dev), pos[a:a + IMAGES_PER_CALL].to(dev))
     i = 0
     for r in todo:
         n = len(r.counts)

@@ -217,3 +217,31 @@ def test_released_vision_tower_maps_one_to_one_onto_the_checkpoint_layout():
     assert mine["model.encoder.vision_tower.patch_embedder.input_proj.weight"] == (1152, 768)
     assert len([n for n in mine if n.endswith("q_proj.linear.weight")]) == 27
     assert 540e6 < ours_v.num_parameters() < 600e6  # spec: ~550M
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(50, 70), (8, 400)])
+def test_analytic_flops_equal_the_counted_ones(vlm, size):
+    """vision.cost's FLOPs are what torch's FLOP counter sees for the matrix products and attention of one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dgemma.vision import cost
+
+    _, _, ck = vlm
+    pv, pos, out = ours([picture(*size)])
+    with FlopCounterMode(display=False) as fc:
+        ck.model.vision(pv, pos)
+    c = cost(ck.model.vision.cfg, out[0].num_soft_tokens, 4)
+    assert c.patches == out[0].num_soft_tokens * 9
+    assert fc.get_total_flops() == c.flops
+    assert c.weight_bytes == 4 * sum(t.numel() for n, t in ck.model.vision.state_dict().items())
+
+
+def test_memory_plan_counts_the_vision_tower(vlm):
+    from dgemma.server import memory
+
+    _, path, ck = vlm
+    parts = dict(memory.check_checkpoint(path, dtype=None, device="cpu", max_num_seqs=2, max_model_len=256,
+                                         canvas_length=None, max_waiting=4).parts)
+    assert parts["vision tower weights"] == 4 * sum(t.numel() for t in ck.model.vision.state_dict().values())
+    assert parts["vision tower activations"] > 0
