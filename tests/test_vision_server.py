@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import openai
 import pytest
@@ -176,3 +177,60 @@ def test_remote_urls_are_fetched_only_when_allowed(media_dir):
             resolver(MediaPolicy(allow_remote_media=True, max_image_bytes=100))(url)
     finally:
         httpd.shutdown()
+
+
+PLAYGROUND_HARNESS = r"""
+// Runs playground.js in node with a stub DOM: an image file is chosen, "run" is clicked, and the request body the
+// page would POST is printed (fetch is stubbed to record it).
+const fs = require("fs"), vm = require("vm");
+const [js, imagePath] = process.argv.slice(2);
+const els = {};
+const el = (id) => els[id] || (els[id] = { id, value: "", textContent: "", disabled: false, files: [],
+  replaceChildren() {}, addEventListener() {}, appendChild() {}, classList: { add() {}, remove() {} }, style: {} });
+let posted = null;
+const ctx = {
+  window: {}, console, performance: { now: () => 0 }, setTimeout, TextDecoder, JSON, Promise, Object, Set, Error,
+  document: { getElementById: el, createElement: () => el("x" + Math.random()) },
+  FileReader: class { readAsDataURL(f) { this.result = "data:" + f.type + ";base64," + f.bytes.toString("base64");
+    setTimeout(() => this.onload(), 0); } },
+  AbortController: class { constructor() { this.signal = {}; } abort() {} },
+  fetch: async (url, opts) => { if (opts && opts.body) posted = { url, body: JSON.parse(opts.body) };
+    return { ok: false, statusText: "stub", json: async () => ({ error: { message: "stub" } }) }; },
+};
+vm.createContext(ctx);
+el("mode").value = "chat"; el("prompt").value = "What is this?"; el("max_tokens").value = "8"; el("seed").value = "2";
+el("image").files = [{ type: "image/png", bytes: fs.readFileSync(imagePath) }];
+vm.runInContext(fs.readFileSync(js, "utf8"), ctx);
+vm.runInContext("run()", ctx).then(() => process.stdout.write(JSON.stringify(posted)));
+"""
+
+
+def test_playground_sends_an_uploaded_image_that_the_server_accepts(server, offline, tmp_path):
+    """The playground's image upload, run in node: the body it builds, sent to the server, gives the offline answer."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import httpx
+
+    node = shutil.which("node")
+    if node is None:  # the browser test (test_playground.py) covers the page where node is missing
+        pytest.skip("node is not installed")
+    img = picture(30, 40, seed=12)
+    img.save(tmp_path / "up.png")
+    (tmp_path / "h.js").write_text(PLAYGROUND_HARNESS)
+    js = Path(__file__).parent.parent / "dgemma" / "server" / "static" / "playground.js"
+    r = subprocess.run([node, str(tmp_path / "h.js"), str(js), str(tmp_path / "up.png")], capture_output=True,
+                       text=True, timeout=60)
+    posted = json.loads(r.stdout)
+    assert posted["url"] == "/v1/chat/completions"
+    parts = posted["body"]["messages"][0]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    body = dict(posted["body"], stream=False, max_denoising_steps=3)
+    body.pop("stream_options")
+    body.pop("dgemma")
+    got = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    ref = offline.chat([{"role": "user", "content": [{"type": "image", "image": img},
+                                                     {"type": "text", "text": "What is this?"}]}],
+                       SamplingParams(max_new_tokens=8, seed=2, **FAST))
+    assert got["choices"][0]["message"]["content"] == ref.text
