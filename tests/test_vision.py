@@ -245,3 +245,14 @@ def test_memory_plan_counts_the_vision_tower(vlm):
                                          canvas_length=None, max_waiting=4).parts)
     assert parts["vision tower weights"] == 4 * sum(t.numel() for t in ck.model.vision.state_dict().values())
     assert parts["vision tower activations"] > 0
+
+
+def test_save_keeps_how_images_attend(tmp_path):
+    """A checkpoint whose images attend causally (use_bidirectional_attention null) stays so through dgemma's save."""
+    for mode in (None, "vision"):
+        hf = make_hf_vlm(use_bidirectional_attention=mode)
+        hf.save_pretrained(tmp_path / str(mode))
+        ck = checkpoint.load(tmp_path / str(mode))
+        assert ck.model.vision.cfg.bidirectional_images == (mode == "vision")
+        checkpoint.save(ck.model, tmp_path / f"{mode}-again", generation=ck.generation, passthrough=ck.passthrough)
+        assert checkpoint.load(tmp_path / f"{mode}-again").model.vision.cfg.bidirectional_images == (mode == "vision")
