@@ -112,8 +112,7 @@ class Engine:
         if room < 1:
             raise PromptTooLongError(f"prompt has {len(prompt)} tokens; max_model_len is {self.cfg.max_model_len}, "
                                      "which leaves no room for output")
-        if images is not None and self.model.vision is None:  # [vision]
-            raise ValueError("this model has no vision tower: it cannot read images")
+        vision_prompt.check(self.model, prompt, images)  # [vision] images need a vision tower and must fit the prompt
         settings = params.resolve(self.defaults)
         max_new = min(params.max_new_tokens if params.max_new_tokens is not None else settings.max_new_tokens, room)
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**63)

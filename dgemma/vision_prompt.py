@@ -24,8 +24,8 @@ from .image_processing import ProcessedImage
 
 @dataclass
 class PromptImages:
-    pixel_values: torch.Tensor  # [N, P, 3*p*p] float32: N images, P = max_patches
-    positions: torch.Tensor  # [N, P, 2] long patch positions, (-1, -1) for padding
+    pixel_values: torch.Tensor | None  # [N, P, 3*p*p] float32: N images, P = max_patches (None once encoded)
+    positions: torch.Tensor | None  # [N, P, 2] long patch positions, (-1, -1) for padding (None once encoded)
     token_index: torch.Tensor  # [T] long: prompt indices of the image tokens, image after image
     blocks: torch.Tensor  # [prompt length] long: image number of each prompt token, -1 for text
     counts: list[int]  # soft tokens per image
@@ -49,6 +49,20 @@ class PromptImages:
             blocks[a:b] = i
         return cls(torch.stack([im.pixel_values for im in images]), torch.stack([im.positions for im in images]),
                    is_img.nonzero().flatten(), blocks, counts, [im.digest for im in images])
+
+
+def check(model, prompt: list[int], images: PromptImages | None) -> None:
+    """A request's images must match its prompt, and the model must be able to read them."""
+    if images is None:
+        return
+    if model.vision is None:
+        raise ValueError("this model has no vision tower: it cannot read images")
+    if len(images.blocks) != len(prompt) or (images.token_index.numel() and
+                                             int(images.token_index.max()) >= len(prompt)):
+        raise ValueError("the images were built for another prompt (PromptImages.build(prompt, ...))")
+    if any(prompt[i] != model.vision.cfg.image_token_id for i in images.token_index.tolist()):
+        raise ValueError(f"the images' soft tokens must sit on image tokens ({model.vision.cfg.image_token_id}) "
+                         "of the prompt")
 
 
 def chunk_end(images: PromptImages | None, start: int, chunk: int, length: int) -> int:
@@ -84,6 +98,7 @@ def encode(vision, requests: list[PromptImages]) -> None:
     for r in todo:
         n = len(r.counts)
         r.embeds = torch.cat(feats[i:i + n])
+        r.pixel_values = r.positions = None  # not needed any more: free the patches (about 8 MB an image)
         i += n
 
 

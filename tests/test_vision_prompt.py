@@ -204,3 +204,14 @@ def test_prompt_and_images_must_agree():
         PromptImages.build(ids, processed[:1], IMAGE)
     with pytest.raises(ValueError, match="placeholder"):
         ip.expand_image_tokens([1, IMAGE, 2], [3, 4], IMAGE, BOI, EOI)
+
+
+def test_images_built_for_another_prompt_are_refused(pair):
+    _, model = pair
+    ids, _, processed = two_image_prompt()
+    images = PromptImages.build(ids, processed, IMAGE)
+    engine = Engine(model, config=EngineConfig(max_num_seqs=1, max_model_len=512))
+    with pytest.raises(ValueError, match="another prompt"):
+        engine.add_request(ids[:-3], images=images)
+    with pytest.raises(ValueError, match="must sit on image tokens"):
+        engine.add_request([5 if t == IMAGE else t for t in ids], images=images)
