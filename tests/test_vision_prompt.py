@@ -156,14 +156,28 @@ def test_decoder_logits_after_an_image_prompt_match(pair, self_conditioning):
     assert rel_err(got, ref) <= 1e-4
 
 
+def oracle_draws(seeds, invariant: bool):
+    """The draws to replay into transformers: the exact engine's per-request streams, or the fast engine's
+    counter-based ones (dgemma.draws.CounterStream, where the fast step has them)."""
+    if not invariant:
+        try:
+            from dgemma.draws import CounterStream
+        except ImportError:  # an engine without counter-based draws draws the same way in both modes
+            pass
+        else:
+            return CounterStream(seeds)
+    return PerRequestDraws.from_seeds(seeds)
+
+
 KNOBS = dict(max_denoising_steps=10, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.05)
 
 
-def test_generation_with_two_images_equals_transformers(monkeypatch, pair):
+@pytest.mark.parametrize("invariant", [True, False], ids=["exact", "fast"])
+def test_generation_with_two_images_equals_transformers(monkeypatch, pair, invariant):
     hf, model = pair
     ids, images, processed = two_image_prompt(seed=6)
     engine = Engine(model, eos_token_ids=[95], config=EngineConfig(max_num_seqs=3, max_model_len=512,
-                                                                   prefill_chunk=50))
+                                                                   prefill_chunk=50, batch_invariant=invariant))
     text_only = engine.add_request([5, 17, 33, 2, 9], SamplingParams(max_new_tokens=2 * C, seed=1, **KNOBS))
     rid = engine.add_request(ids, SamplingParams(max_new_tokens=3 * C, seed=11, entropy_bound=0.1, **KNOBS),
                              images=PromptImages.build(ids, processed, IMAGE))
@@ -175,7 +189,7 @@ def test_generation_with_two_images_equals_transformers(monkeypatch, pair):
     ours = done[rid]
     assert text_only in done
     ids_t, pv, pos, mm = hf_inputs(images, ids)
-    with hf_replay(monkeypatch, PerRequestDraws.from_seeds([11]), 1, C):
+    with hf_replay(monkeypatch, oracle_draws([11], invariant), 1, C):
         out = hf.generate(ids_t, pixel_values=pv, image_position_ids=pos, mm_token_type_ids=mm,
                           max_new_tokens=3 * C, eos_token_id=95, pad_token_id=0,
                           sampler_config=hf_gen.EntropyBoundSamplerConfig(entropy_bound=0.1), **KNOBS)
