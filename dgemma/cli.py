@@ -104,6 +104,8 @@ def generate_main(argv: list[str]) -> int:
     add_sampler_flags(p)
     args = p.parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.image and not args.chat:
+        fail("--image needs --chat (the chat template places the image)")
 
     from .llm import LLM
 
@@ -111,8 +113,6 @@ def generate_main(argv: list[str]) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
-    if args.image and not args.chat:
-        fail("--image needs --chat (the chat template places the image)")
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))
     t1 = time.perf_counter()
     if args.show_canvas:
