@@ -7,7 +7,8 @@ tower. There is no `lm_head.weight` (tied to the embedding). A single `model.saf
 
 Loading builds the model on the meta device and moves each tensor in from the memory-mapped file one at a time, so
 no second full copy is ever held. Every expected tensor must be present and no unexpected one left; errors list the
-offending names. Vision tensors are not loaded (dgemma is text-only for now) but are carried over on save, so a
+offending names. When the checkpoint holds a vision tower, it loads into `model.vision` (vision.py) under the same
+rule; vision tensors dgemma does not model (a vestigial `embed_vision.embedding.*`) are carried over on save, so a
 load/save round trip keeps the checkpoint whole.
 """
 
@@ -62,6 +63,8 @@ def to_checkpoint_name(name: str) -> str:
     m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", name)
     if m:
         return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    if name.startswith("vision."):  # the image tower (vision.py): vision_tower.* and embed_vision.*
+        return "model.encoder." + name[len("vision."):]
     return "model.decoder." + name
 
 
@@ -72,6 +75,8 @@ def from_checkpoint_name(name: str) -> str | None:
         return f"layers.{m.group(1)}.encoder_layer_scalar"
     if name.startswith("model.decoder."):
         return name[len("model.decoder."):]
+    if name.startswith(_VISION):
+        return "vision." + name[len("model.encoder."):]
     return None
 
 
@@ -83,7 +88,7 @@ class Checkpoint:
     config: ModelConfig
     generation: GenerationConfig
     path: Path
-    passthrough: dict[str, Path] = field(default_factory=dict)  # tensor name -> file (vision tower, kept on save)
+    passthrough: dict[str, Path] = field(default_factory=dict)  # tensor name -> file (unmodelled, kept on save)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -119,6 +124,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
     with torch.device("meta"):
         model = DiffusionGemma(config)
+        vision = _vision_for(config, files)
+        if vision is not None:
+            model.vision = vision
     expected = {to_checkpoint_name(n): n for n in list(dict(model.named_parameters())) +
                 [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
     found: set[str] = set()
@@ -140,9 +148,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {_names(sorted(unexpected))}")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json - " + "; ".join(parts))
-    if passthrough and str(path) not in _vision_warned:
+    if vision is None and any(n.startswith(_VISION[0]) for n in passthrough) and str(path) not in _vision_warned:
         _vision_warned.add(str(path))
-        log.warning("%s has a vision tower: loading the text model only (images are not supported yet)", path)
+        log.warning("%s has vision tensors but no vision_config: loading the text model only", path)
     model.reset_rope()  # non-persistent buffers are still on the meta device
     model.to(device)
     model.eval()
@@ -157,16 +165,33 @@ def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: 
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     with handle as f:
         for name in f.keys():
-            if name.startswith(_VISION):
-                passthrough[name] = file
-                continue
             if name == "lm_head.weight":
                 continue  # tied to the embedding; some exporters write it anyway
             if name not in expected:
-                unexpected.append(name)
+                if name.startswith(_VISION):
+                    passthrough[name] = file  # not modelled by dgemma: kept for save
+                else:
+                    unexpected.append(name)
                 continue
             _assign(model, expected[name], _read(f, name, file, want), name, file)
             found.add(name)
+
+
+def _vision_for(config: ModelConfig, files: list[Path]):
+    """The vision module (on the current device) when the checkpoint holds a vision tower, else None."""
+    if not isinstance(config.raw.get("vision_config"), dict):
+        return None
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if any(n.startswith(_VISION[0]) for n in f.keys()):
+                    from .vision import Vision, VisionConfig
+                    return Vision(VisionConfig.from_model_dict(config.raw, config.text.hidden_size, config.source))
+        except CheckpointError:
+            raise
+        except Exception:
+            return None  # an unreadable shard is reported, with its name, by the main loading loop
+    return None
 
 
 def _progress(files: list[Path], min_bytes: int = 2**30):

@@ -80,30 +80,48 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def chat_inputs(llm, prompt: str, image_paths: list[str]):
+    """(prompt ids, images) of a one-message chat: the images first, then the text. Bad images end the command."""
+    from .image_processing import ImageError
+
+    content = [{"type": "image", "path": p} for p in image_paths] + [{"type": "text", "text": prompt}]
+    try:
+        return llm.chat_inputs([{"role": "user", "content": content if image_paths else prompt}])
+    except (ImageError, ValueError) as e:
+        fail(str(e))
+
+
 def generate_main(argv: list[str]) -> int:
     p = Parser(prog="dgemma generate", description="Generate text by denoising canvases in parallel.")
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     add_model_flags(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to ask about, before the prompt (repeatable; needs --chat and a vision model)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-canvas", action="store_true", help="live terminal view of the canvas being denoised")
     p.add_argument("--trace-out", help="write the denoising trace as an animated GIF (or a folder of PNGs)")
     add_sampler_flags(p)
     args = p.parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.image and not args.chat:
+        fail("--image needs --chat (the chat template places the image)")
 
     from .llm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
-    ids = llm.chat_prompt([{"role": "user", "content": prompt}]) if args.chat else llm.encode(prompt)
+    ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))
     t1 = time.perf_counter()
     if args.show_canvas:
         from .live import LiveCanvas
 
-        out = LiveCanvas(llm.tokenizer, llm.config.canvas_length, prompt_text=prompt).run(llm.stream(ids, params))
+        out = LiveCanvas(llm.tokenizer, llm.config.canvas_length, prompt_text=prompt).run(
+            llm.stream(ids, params, images=images))
+    elif images is not None:
+        out = [ev for ev in llm.stream(ids, params, images=images) if ev.kind == "finished"][0].output
     else:
         out = llm.generate([ids], params)[0]
     gen_s = time.perf_counter() - t1

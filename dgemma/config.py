@@ -194,7 +194,10 @@ class ModelConfig:
             "rope_parameters": {lt: _rope_to_dict(r) for lt, r in t.rope.items()},
             "final_logit_softcapping": t.final_logit_softcapping, "rms_norm_eps": t.rms_norm_eps,
             "attention_bias": False, "pad_token_id": t.pad_token_id, "eos_token_id": t.eos_token_id,
-            "bos_token_id": t.bos_token_id, "tie_word_embeddings": True, "use_bidirectional_attention": "vision",
+            "bos_token_id": t.bos_token_id, "tie_word_embeddings": True,
+            # how image tokens attend in the encoder ("vision": both ways within an image; vision.py): kept as read
+            "use_bidirectional_attention": (self.raw.get("text_config") or {}).get("use_bidirectional_attention",
+                                                                                   "vision"),
         }
         out = {k: v for k, v in self.raw.items() if k not in ("text_config", "per_layer_config")}
         out.update({

@@ -43,6 +43,7 @@ from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
 from .draws import CounterDraws, seed_keys
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
+from . import vision_prompt  # [vision]
 
 log = logging.getLogger("dgemma")
 
@@ -88,6 +89,7 @@ class Sequence:
     canvas_steps: int = 0
     out: RequestOutput = None  # type: ignore[assignment]
     decoder: object = None  # incremental detokenizer
+    images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
 
     @property
     def denoising(self) -> bool:
@@ -138,7 +140,7 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, images: "vision_prompt.PromptImages | None" = None) -> str:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -149,6 +151,7 @@ class Engine:
         if room < 1:
             raise PromptTooLongError(f"prompt has {len(prompt)} tokens; max_model_len is {self.cfg.max_model_len}, "
                                      "which leaves no room for output")
+        vision_prompt.check(self.model, prompt, images)  # [vision] images need a vision tower and must fit the prompt
         settings = params.resolve(self.defaults)
         max_new = min(params.max_new_tokens if params.max_new_tokens is not None else settings.max_new_tokens, room)
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**63)
@@ -157,6 +160,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(rid, prompt, params, settings, gen, seed, max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
+        seq.images = images  # [vision]
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
             seq.decoder = IncrementalDecoder(self.tokenizer)
@@ -192,13 +196,16 @@ class Engine:
         dec = [s for s in running if s.denoising]
         segments = []
         if enc:
-            chunks = [s.pending_commit if s.pending_commit is not None
-                      else s.prompt[s.prefilled:s.prefilled + self.cfg.prefill_chunk] for s in enc]
+            chunks = [s.pending_commit if s.pending_commit is not None  # [vision] chunk_end: never cut an image
+                      else s.prompt[s.prefilled:vision_prompt.chunk_end(s.images, s.prefilled, self.cfg.prefill_chunk,
+                                                                        len(s.prompt))] for s in enc]
             ids = torch.full((len(enc), max(map(len, chunks))), self.pad_id, dtype=torch.long)
             for i, c in enumerate(chunks):
                 ids[i, :len(c)] = torch.tensor(c)
             enc_seg = EncodeSegment(self.cache, ids.to(self.model.device), [s.slot for s in enc],
                                     [len(c) for c in chunks])
+            vision_prompt.attach(enc_seg, self.model, [(s.images if s.pending_commit is None else None, s.prefilled)
+                                                       for s in enc])  # [vision]
             segments.append(enc_seg)
         if dec and not self.exact:
             events += self._denoise_fast(dec)  # before the encode rows: they start canvases after it

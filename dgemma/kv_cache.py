@@ -119,6 +119,8 @@ class EncodeSegment:
 
     causal = True
     sc_embeds = None
+    image_embeds = None  # [vision] (flat row index [N], soft tokens [N, H]) placed over image tokens (vision_prompt.py)
+    image_blocks = None  # [vision] [B, L] image number per new token, -1 for text: bidirectional within an image
 
     def __init__(self, cache: KVCache, input_ids: torch.Tensor, slots, n_new=None):
         self.cache = cache
@@ -155,6 +157,9 @@ class EncodeSegment:
             m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
             if self.cache.sliding[layer]:
                 m &= (qpos[:, :, None] - kpos[:, None, :]) < self.window
+            if self.image_blocks is not None:  # [vision] an image's tokens see each other (every layer type)
+                blk = self.image_blocks.to(dev)
+                m[:, :, kc:] |= (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0) & nvalid[:, None, :]
             self._masks[key] = (kc, m)
         return self._masks[key]
 

@@ -6,7 +6,8 @@
     print(out.text, out.steps_per_canvas, out.tokens_per_forward)
 
 `LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
-`LLM.chat(messages, params)` renders the checkpoint's chat template first.
+`LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
+(`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a vision tower.
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ class LLM:
         return [int(t) for t in prompt]
 
     def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        return self.chat_inputs(messages, **template_kwargs)[0]
+
+    def chat_inputs(self, messages: list[dict], resolve=None, **template_kwargs):
+        """(prompt ids, images or None) of a chat whose messages may hold image parts: {"type": "image", "image":
+        PIL image | bytes | path} or {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: chat needs tokenizer.json and a chat template")
-        for m in messages:
-            content = m.get("content")
-            if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
-                                                 for p in content):
-                raise ValueError("images are not supported: dgemma loads the text model only")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  **template_kwargs)
+        from .vision_prompt import chat_inputs
+        return chat_inputs(self.tokenizer, self.model.vision, messages, resolve=resolve, **template_kwargs)
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -90,11 +91,16 @@ class LLM:
         return self.engine.run([(self.encode(p), sp) for p, sp in zip(plist, params)])
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
-        return self.engine.run([(self.chat_prompt(messages, **template_kwargs), params or SamplingParams())])[0]
+        """One chat turn; messages may hold image parts (see chat_inputs)."""
+        ids, images = self.chat_inputs(messages, **template_kwargs)
+        for ev in self.stream(ids, params, images=images):
+            if ev.kind == "finished":
+                return ev.output
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
-        """Events of one request as they happen. Other queued requests keep running alongside."""
-        rid = self.engine.add_request(self.encode(prompt), params)
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, images=None) -> Iterator[StreamEvent]:
+        """Events of one request as they happen. Other queued requests keep running alongside. `images`: the
+        prompt's `vision_prompt.PromptImages` (from `chat_inputs`), if any."""
+        rid = self.engine.add_request(self.encode(prompt), params, images=images)
         try:
             while True:
                 for ev in self.engine.step():

@@ -189,6 +189,7 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(t, i) for i in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
+        self.vision = None  # [vision] the image tower (vision.Vision) when the checkpoint has one; set by checkpoint.load
         self.reset_rope()
 
     def reset_rope(self) -> None:
@@ -263,6 +264,9 @@ class DiffusionGemma(nn.Module):
         xs, pos = [], []
         for seg in segments:
             x = self.embed(seg.input_ids)
+            images = getattr(seg, "image_embeds", None)  # [vision] (flat row index [N], soft tokens [N, H])
+            if images is not None:
+                x = x.reshape(-1, x.shape[-1]).index_copy(0, images[0], images[1].to(x.dtype)).view_as(x)
             if not seg.causal:
                 x = self.self_conditioning(x, seg.sc_embeds)
             xs.append(x.reshape(-1, x.shape[-1]))

@@ -99,7 +99,7 @@ def test_limits_and_bad_input(llm):
     # max_new_tokens is clipped to the room left in max_model_len
     out = llm.generate([5] * 500, P(max_new_tokens=100, seed=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
-    with pytest.raises(ValueError, match="images are not supported"):
+    with pytest.raises(ValueError, match="no vision tower"):
         llm.chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
 
 

@@ -7,6 +7,7 @@ Modules:
     protocol.py      pydantic request/response models and the OpenAI -> `SamplingParams` mapping
     app.py           the FastAPI app factory: endpoints, auth, errors, SSE streaming, the playground page
     metrics.py       Prometheus text-format metrics (plain formatting, no prometheus_client dependency)
+    media.py         image parts of chat requests: data:/file:/http(s) URL policy, bad-image 400s
     static/          the playground page served at `GET /`
 
 `ServerConfig` lives here so that every module (and a caller embedding the server) can import it without pulling in
@@ -41,6 +42,7 @@ class ServerConfig:
     retry_after_s: int = 1
     check_memory: bool = True
     log_level: str = "info"
+    media: object = None  # [vision] server.media.MediaPolicy: where images may come from, limits; None = defaults
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s"):

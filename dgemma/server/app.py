@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import ServerConfig
+from . import ServerConfig, media  # [vision] media: image parts
 from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from .metrics import ServerMetrics
 from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
@@ -148,7 +148,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                                f"prompt or {field}", param=field, code="context_length_exceeded")
         return asked if asked is not None else max_len - n_prompt
 
-    async def start(req, prompt_ids: list[int], prefix: str):
+    async def start(req, prompt_ids: list[int], prefix: str, images=None):
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         params = sampling_params(req, budget(len(prompt_ids), req))
@@ -158,7 +158,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
             raise RequestError(str(e), param=str(e).split(" ")[0]) from None
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            q = engine.submit(rid, prompt_ids, params)
+            q = engine.submit(rid, prompt_ids, params, images=images)
         except QueueFullError as e:
             raise RequestError(str(e), type="server_overloaded", code="queue_full", status=503,
                                headers={"Retry-After": str(config.retry_after_s)}) from None
@@ -278,11 +278,10 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         t0 = time.monotonic()
         req = await parse(request, ChatCompletionRequest, "chat")
         messages = template_messages(req)
-        try:
-            ids = await asyncio.to_thread(llm.chat_prompt, messages, **(req.chat_template_kwargs or {}))
-        except Exception as e:  # template errors (e.g. roles must alternate) are the client's to fix
-            raise RequestError(f"chat template: {e}", param="messages") from None
-        rid, q = await start(req, ids, "chatcmpl")
+        # [vision] images are decoded and checked here (400s: server/media.py); template errors are 400s too
+        ids, images = await asyncio.to_thread(media.chat_inputs, llm, messages, config.media or media.MediaPolicy(),
+                                              **(req.chat_template_kwargs or {}))
+        rid, q = await start(req, ids, "chatcmpl", images)
         return await respond(request, req, rid, q, len(ids), True, t0)
 
     @app.get("/v1/models")

@@ -71,7 +71,7 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- requests (asyncio side) -------------------------------------------------------------------------------
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, images=None) -> asyncio.Queue:
         """Queue a request; its StreamEvents (and a final "finished" or "error" event) arrive on the returned queue."""
         if not self.alive:
             raise EngineUnavailableError("the engine loop is not running")
@@ -82,7 +82,7 @@ class AsyncEngine:
             raise ValueError(f"duplicate request id {request_id}")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._cmds.put(("add", request_id, prompt_ids, params, time.monotonic()))
+        self._cmds.put(("add", request_id, prompt_ids, params, time.monotonic(), images))  # [vision] images
         with self.metrics.lock:
             self.metrics.in_flight.set(len(self._streams))
         return q
@@ -144,9 +144,9 @@ class AsyncEngine:
             self.engine.abort(cmd[1])
             self._submitted.pop(cmd[1], None)
         elif cmd[0] == "add":
-            _, rid, prompt, params, t0 = cmd
+            _, rid, prompt, params, t0, images = cmd
             try:
-                self.engine.add_request(prompt, params, rid)
+                self.engine.add_request(prompt, params, rid, images=images)
                 self._submitted[rid] = (t0, len(prompt))
             except Exception as e:  # validated on the asyncio side already; this is a last line of defence
                 self._post([StreamEvent(rid, "error", text_delta=str(e))])

@@ -54,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_media_flags(p)  # [vision]
     return p
+
+
+def add_media_flags(p: argparse.ArgumentParser) -> None:
+    """[vision] Where image parts of chat requests may come from (server/media.py)."""
+    g = p.add_argument_group("images (vision checkpoints)")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="accept file:// image URLs, only for files under DIR (default: none)")
+    g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s):// image URLs (default: refused)")
+    g.add_argument("--max-images-per-request", type=int, default=8)
+    g.add_argument("--max-image-pixels", type=int, default=50_000_000, help="width x height above which 400")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -85,7 +96,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-        check_memory=not args.no_memory_check, log_level=args.log_level)
+        check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args))
+
+
+def media_policy(args: argparse.Namespace):
+    """[vision] The MediaPolicy of the media flags."""
+    from .media import MediaPolicy
+
+    return MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                       allow_remote_media=args.allow_remote_media, max_images_per_request=args.max_images_per_request,
+                       max_image_pixels=args.max_image_pixels)
 
 
 def build(config: ServerConfig):

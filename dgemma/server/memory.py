@@ -110,7 +110,8 @@ def _activation_bytes(t: TextConfig, rows: int, tokens_per_row: int, kv_len: int
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_seqs: int, max_model_len: int,
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
-         batch_invariant: bool = True, params: int | None = None, available: int | None = -1) -> MemoryPlan:
+         batch_invariant: bool = True, params: int | None = None, available: int | None = -1,
+         extra: tuple[tuple[str, int], ...] = ()) -> MemoryPlan:
     """The plan for one configuration. `available=-1` asks the device; pass a number to plan against it."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
@@ -125,7 +126,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
         ("logits slab", rows_per_slab * row_bytes),
         ("activations of one forward", _activation_bytes(t, S, max(C, chunk), max_model_len + C, batch_invariant)),
         ("queued and running prompts", (S + max_waiting) * max_model_len * 36),  # Python int lists, worst case
-    )
+    ) + tuple(extra)  # [vision] the image tower's weights and activations (vision_parts)
     if available == -1:
         available = available_bytes(device)
     return MemoryPlan(parts, available, str(device), S, max_model_len)
@@ -155,10 +156,11 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     max_len = max_model_len or min(cfg.text.max_position_embeddings, 8192)  # LLM's default
     params = count_parameters(cfg)
     available = available_bytes(device)
+    extra = vision_parts(Path(path), cfg, want)  # [vision]
 
     def make(s: int) -> MemoryPlan:
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len,
-                    max_waiting=max_waiting, params=params, available=available)
+                    max_waiting=max_waiting, params=params, available=available, extra=extra)
 
     p = make(max_num_seqs)
     if not p.fits:
@@ -169,3 +171,20 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
             f"not enough memory for --max-num-seqs {max_num_seqs} --max-model-len {max_len} "
             f"(canvas {cfg.canvas_length}, vocabulary {cfg.text.vocab_size}, {want}):\n{p.describe()}\n{hint}")
     return p
+
+
+def vision_parts(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    """[vision] Plan entries for a checkpoint with a vision tower: its weights, and one tower call's activations
+    (IMAGES_PER_CALL images at the soft-token budget, plus one image's attention scores on the math path)."""
+    from ..checkpoint import _vision_for, weight_files
+    from ..vision import cost
+    from ..vision_prompt import IMAGES_PER_CALL
+
+    with torch.device("meta"):
+        vision = _vision_for(cfg, weight_files(path))
+    if vision is None:
+        return ()
+    elem = torch.empty((), dtype=dtype).element_size()
+    c = cost(vision.cfg, vision.cfg.soft_tokens_per_image, elem)
+    return (("vision tower weights", sum(t.numel() for t in vision.state_dict().values()) * elem),
+            ("vision tower activations", IMAGES_PER_CALL * c.activation_bytes + c.attention_bytes))

@@ -170,7 +170,8 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the chat template takes them: text content only (parts joined), developer -> system."""
+    """Messages as the chat template takes them: text parts joined (kept as parts beside images), developer ->
+    system."""
     out = []
     for i, m in enumerate(req.messages):
         if m.role == "tool" or m.tool_calls or m.tool_call_id:
@@ -180,12 +181,15 @@ def template_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
+                if part.get("type") == "image_url":  # [vision] images stay parts: server/media.py reads them
+                    continue
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise RequestError(f"messages[{i}].content[{j}]: part type {part.get('type')!r} is not "
-                                       "supported (text only: dgemma serves the text model)",
+                                       "supported (text and image_url only)",
                                        param=f"messages.{i}.content", code="unsupported_feature")
                 texts.append(part["text"])
-            content = "".join(texts)
+            has_images = any(part.get("type") == "image_url" for part in content)  # [vision]
+            content = [dict(part) for part in content] if has_images else "".join(texts)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     return out
 

@@ -112,6 +112,18 @@ function handle(obj) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// The chosen image as a data: URL (sent as an OpenAI image_url part), or null.
+function imageDataUrl() {
+  const file = $("image") && $("image").files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read the image file"));
+    reader.readAsDataURL(file);
+  });
+}
+
 async function run() {
   reset();
   controller = new AbortController();
@@ -119,10 +131,12 @@ async function run() {
   $("stop").disabled = false;
   const chat = $("mode").value === "chat";
   const prompt = $("prompt").value;
-  const body = Object.assign(chat ? { messages: [{ role: "user", content: prompt }] } : { prompt }, knobValues(),
-    { stream: true, stream_options: { include_usage: true }, dgemma: { drafts: true } });
   const delay = parseInt($("delay").value || "0", 10);
   try {
+    const image = chat ? await imageDataUrl() : null;
+    const content = image ? [{ type: "image_url", image_url: { url: image } }, { type: "text", text: prompt }] : prompt;
+    const body = Object.assign(chat ? { messages: [{ role: "user", content }] } : { prompt }, knobValues(),
+      { stream: true, stream_options: { include_usage: true }, dgemma: { drafts: true } });
     const res = await fetch(chat ? "/v1/chat/completions" : "/v1/completions",
       { method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: controller.signal });
     if (!res.ok) {
