@@ -29,7 +29,7 @@ from .batch_invariant import Linear, linear
 from .config import FULL, SLIDING, ModelConfig, TextConfig
 from . import batch_invariant
 from .moe import MLP, Experts, RMSNorm, Router, rms_norm
-from .rope import apply_rope, cos_sin, inv_frequencies
+from .rope import apply_rope, inv_frequencies, rope_tables
 
 
 class Segment(Protocol):
@@ -199,6 +199,13 @@ class DiffusionGemma(nn.Module):
             if lt in t.layer_types:
                 dim = t.head_dim if lt == SLIDING else t.global_head_dim
                 self.register_buffer(f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim), persistent=False)
+        # Both layer types' tables in one pass per forward: [inv_s, inv_s, inv_f, inv_f] and the signs of rotate-half.
+        self._rope_dims = [(lt, 2 * getattr(self, f"inv_freq_{lt}").numel()) for lt in (SLIDING, FULL)
+                           if hasattr(self, f"inv_freq_{lt}")]
+        inv = [getattr(self, f"inv_freq_{lt}") for lt, _ in self._rope_dims]
+        self.register_buffer("inv_freq_all", torch.cat([torch.cat([f, f]) for f in inv]), persistent=False)
+        self.register_buffer("inv_freq_sign", torch.cat([torch.cat([-torch.ones_like(f), torch.ones_like(f)])
+                                                         for f in inv]), persistent=False)
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and the dense gate/up weights for the fast path (idempotent, cheap to call again; redone
@@ -206,6 +213,7 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self.self_conditioning.fuse()
 
     def _apply(self, fn, recurse=True):
         """Module casts (`.to(bfloat16)`, `.half()`) leave the RoPE frequencies in fp32, as transformers does (bf16
@@ -279,8 +287,7 @@ class DiffusionGemma(nn.Module):
         else:
             is_decoder = torch.cat([torch.full((seg.input_ids.numel(), 1), not seg.causal, device=x.device)
                                     for seg in segments])
-        rope = {lt: cos_sin(getattr(self, f"inv_freq_{lt}"), positions, x.dtype)
-                for lt in (SLIDING, FULL) if hasattr(self, f"inv_freq_{lt}")}
+        rope = rope_tables(self.inv_freq_all, self.inv_freq_sign, self._rope_dims, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, segments, *rope[layer.layer_type], is_decoder)
         x = self.norm(x)

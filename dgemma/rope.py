@@ -40,3 +40,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     The reference's x * cos + cat(-x2, x1) * sin, as x * cos + roll(x, d/2) * signed_sin: the same products (a sign
     moved from one factor to the other is exact), in four kernels instead of five."""
     return x * cos.unsqueeze(-2) + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin.unsqueeze(-2)
+
+
+def rope_tables(inv_all: torch.Tensor, sign: torch.Tensor, dims: list[tuple[str, int]], positions: torch.Tensor,
+                dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`cos_sin` for several layer types at once (five kernels in all): `inv_all` holds each type's frequencies
+    twice in a row ([inv, inv] per type, in the order of `dims`: (type, head_dim)), `sign` rotate-half's signs.
+    Returns {type: (cos, signed sin)}, each [*positions.shape, head_dim] (views of one table), the same values as
+    `cos_sin` bit for bit."""
+    f = positions[..., None].float() * inv_all.to(positions.device)
+    cos, sin = f.cos().to(dtype), (f.sin() * sign.to(positions.device)).to(dtype)
+    out, start = {}, 0
+    for lt, dim in dims:
+        out[lt] = (cos[..., start:start + dim], sin[..., start:start + dim])
+        start += dim
+    return out
