@@ -6,8 +6,9 @@ consumed: call `n` of a request (its n-th call of `initial_canvas`, `uniforms` o
 reads 32 bits of a hash of (seed, n, p). So
 
 - a request's numbers depend only on its own seed and on how many draws it has made, never on its batch mates;
-- a whole batch draws in a handful of tensor ops, inside a compiled or captured step (the per-row draw counters
-  are device tensors that the step advances in place);
+- a whole batch draws in a handful of tensor ops, inside a compiled or captured step: the host, which knows each
+  request's draw number, computes the per-draw keys (`draw_key`, the same arithmetic on Python ints) and writes
+  them into one small device buffer; the step hashes them with the positions (`StepDraws`);
 - the engine and a replay into transformers (`CounterStream`) consume the same calls in the same order:
   one `initial_canvas` per canvas, then per denoising step one `uniforms` (the categorical draw) and one `renoise`.
 
@@ -30,8 +31,9 @@ _M1, _M2 = 0x7FEB352D, 0x6D2B79F5  # odd multipliers < 2**31
 _GOLDEN = 0x1E3779B9  # position stride (< 2**31, odd)
 
 
-def _mix(x: Tensor) -> Tensor:
-    """A 32-bit finaliser on values in [0, 2**32): xor-shift, multiply, xor-shift, multiply, xor-shift."""
+def _mix(x):
+    """A 32-bit finaliser on values in [0, 2**32) (a tensor or a Python int, with the same result): xor-shift,
+    multiply, xor-shift, multiply, xor-shift."""
     x = x ^ (x >> 16)
     x = (x * _M1) & MASK32
     x = x ^ (x >> 15)
@@ -39,16 +41,50 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def seed_keys(seeds: Tensor) -> Tensor:
-    """A request's 32-bit key from its seed [...] (int64 in [0, 2**63)): both halves mixed. Computed once per
-    request."""
+def seed_keys(seeds):
+    """A request's 32-bit key from its seed (int64 tensor or int in [0, 2**63)): both halves mixed. Computed once
+    per request."""
     return _mix(_mix(seeds & MASK32) ^ ((seeds >> 32) & MASK32))
 
 
+def draw_key(seed_key, counter):
+    """The key of one draw (a request's `seed_key`, its draw number; tensors or ints): every position's bits of
+    that draw hash this key with the position."""
+    return _mix(seed_key ^ counter)
+
+
+_POSITIONS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _positions(n: int, device: torch.device) -> Tensor:
+    """Position words j * golden mod 2**32 for j < n (a constant, made once per length and device)."""
+    pos = _POSITIONS.get((n, device))
+    if pos is None:
+        pos = _POSITIONS[(n, device)] = (torch.arange(n, device=device, dtype=torch.int64) * _GOLDEN) & MASK32
+    return pos
+
+
 def bits(keys: Tensor, counters: Tensor, n: int) -> Tensor:
-    """32 random bits per (draw, position): seed keys and draw numbers [...] -> [..., n] int64 in [0, 2**32)."""
-    pos = (torch.arange(n, device=keys.device, dtype=torch.int64) * _GOLDEN) & MASK32
-    return _mix(_mix(keys ^ (counters & MASK32))[..., None] ^ pos)
+    """32 random bits per (draw, position): seed keys and draw numbers [...] (below 2**32: a request never makes
+    four billion draws) -> [..., n] int64 in [0, 2**32)."""
+    return keyed_bits(draw_key(keys, counters), n)
+
+
+def keyed_bits(draw_keys: Tensor, n: int) -> Tensor:
+    """`bits` from precomputed `draw_key`s [...] -> [..., n]."""
+    return _mix(draw_keys[..., None] ^ _positions(n, draw_keys.device))
+
+
+class StepDraws:
+    """The draws of one denoising step from host-computed draw keys [B, 2] (uniforms, renoise): what the engine's
+    fast step uses. The host knows every request's draw number, so the per-row hashing costs no kernel."""
+
+    def __init__(self, draw_keys: Tensor):
+        self.draw_keys = draw_keys
+
+    def step_draws(self, canvas_length: int, vocab_size: int) -> tuple[Tensor, Tensor]:
+        b = keyed_bits(self.draw_keys, canvas_length)  # [B, 2, C]
+        return to_uniform(b[:, 0]), to_tokens(b[:, 1], vocab_size)
 
 
 def to_uniform(b: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from . import batch_invariant, sampler
 from .kv_cache import DecodeSegment, EncodeSegment, KVCache
 from .model import DiffusionGemma
 from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
-from .draws import CounterDraws, seed_keys
+from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
@@ -81,6 +81,7 @@ class Sequence:
     settings: DenoiseSettings
     generator: torch.Generator
     seed: int
+    seed_key: int  # draws.seed_keys(seed): the fast mode's counter-based draws
     max_new_tokens: int
     stop_ids: frozenset[int]
     slot: int = -1
@@ -89,6 +90,7 @@ class Sequence:
     canvas_steps: int = 0
     out: RequestOutput = None  # type: ignore[assignment]
     decoder: object = None  # incremental detokenizer
+    draws_made: int = 0  # fast mode: counter-based draws used so far (the next draw's number)
     images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
 
     @property
@@ -120,10 +122,11 @@ class Engine:
         self.has_sc = torch.zeros(S, dtype=torch.bool)  # [slots] False on a canvas's first step
         # Fast mode: per-slot sampler parameters, seeds and draw counters, written once per request or canvas.
         self.denoising = torch.zeros(S, dtype=torch.bool, device=dev)  # [slots] the slot's canvas is live
-        self.seed_keys = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws.seed_keys of the seed
-        self.draw_count = torch.zeros(S, dtype=torch.int64, device=dev)  # [slots] draws made so far
+        self.draw_keys = torch.zeros(S, 2, dtype=torch.int64, device=dev)  # [slots, 2] this step's draw keys
+        self._keys_host = torch.zeros(S, 2, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.row_params = sampler.RowParams.from_settings([RELEASED_DEFAULTS] * S, device=dev)
         self._compiled = None
+        self._pack_dtype = torch.float32 if self.V <= 2**24 else torch.float64  # token ids exact in the read-back
         self._compile_failed = False  # automatic compilation (compile=None on CUDA) fell back to eager
         self._pinned: dict[torch.Size, torch.Tensor] = {}  # read-back buffers of the fast step (CUDA)
         self.slots: list[Sequence | None] = [None] * S
@@ -158,7 +161,7 @@ class Engine:
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         rid = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(rid, prompt, params, settings, gen, seed, max_new, stop_ids)
+        seq = Sequence(rid, prompt, params, settings, gen, seed, seed_keys(seed), max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
         if self.tokenizer is not None:
@@ -251,8 +254,7 @@ class Engine:
         for name, value in vars(one).items():
             if isinstance(value, torch.Tensor):
                 getattr(self.row_params, name)[seq.slot] = value[0]
-        self.seed_keys[seq.slot] = seed_keys(torch.tensor(seq.seed, dtype=torch.int64))
-        self.draw_count[seq.slot] = 0
+
 
     def _start_canvas(self, s: Sequence) -> None:
         slot = s.slot
@@ -260,9 +262,9 @@ class Engine:
             self.canvas[slot] = sampler.PerRequestDraws([s.generator], self.model.device).initial_canvas(
                 self.C, self.V)[0]
         else:  # counter-based: the slot's next draw number, then one more drawn
-            draws = CounterDraws(self.seed_keys[slot:slot + 1], self.draw_count[slot:slot + 1])
-            self.canvas[slot] = draws.initial_canvas(self.C, self.V)[0]
-            self.draw_count[slot] += 1
+            key = torch.tensor([draw_key(s.seed_key, s.draws_made)], dtype=torch.int64, device=self.model.device)
+            self.canvas[slot] = to_tokens(keyed_bits(key, self.C), self.V)[0]
+            s.draws_made += 1
             self.denoising[slot] = True
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
@@ -321,7 +323,15 @@ class Engine:
         max_top_k = max(s.settings.top_k for s in dec)
         use_top_p = any(s.settings.top_p < 1 for s in dec)
         self.model.fuse_projections()
-        args = (b, key_lens, max_top_k, use_top_p)
+        keys = [[0, 0] for _ in range(b)]
+        for s in dec:  # uniforms, then renoise: the request's next two draws (rows not denoising draw nothing)
+            keys[s.slot] = [draw_key(s.seed_key, s.draws_made), draw_key(s.seed_key, s.draws_made + 1)]
+            s.draws_made += 2
+        host = self._keys_host[:b]
+        host.copy_(torch.tensor(keys, dtype=torch.int64))  # the previous step's copy is done: its read-back waited
+        self.draw_keys[:b].copy_(host, non_blocking=True)
+        trace = any(s.params.trace for s in dec)
+        args = (b, key_lens, max_top_k, use_top_p, trace)
         want = self.cfg.compile if self.cfg.compile is not None else self.model.device.type == "cuda"
         if want and not self._compile_failed:
             try:
@@ -345,12 +355,12 @@ class Engine:
             s.out.decoder_forwards += 1
             self.stats["decoder_forwards"] += 1
             if s.params.trace:
-                t = StepTrace(len(s.out.canvases), s.canvas_steps, argmax, [bool(a) for a in row[C:2 * C]],
+                t = StepTrace(len(s.out.canvases), s.canvas_steps, argmax, [bool(a) for a in row[C + 1:2 * C + 1]],
                               row[2 * C + 1])
                 if self.cfg.keep_traces:
                     s.out.trace.append(t)
                 events.append(StreamEvent(s.id, "draft", draft=t))
-            if row[2 * C]:
+            if row[C]:
                 events += self._commit(s, argmax)
         return events
 
@@ -370,18 +380,20 @@ class Engine:
         if self._compiled is None:
             cuda = self.model.device.type == "cuda"
             for t in [self.canvas, self.prev_argmax, self.stable_run, self.steps_left, self.sc, self.denoising,
-                      self.seed_keys, self.draw_count, self.cache.dev_lengths, *self.cache.k, *self.cache.v,
+                      self.draw_keys, self.cache.dev_lengths, *self.cache.k, *self.cache.v,
                       *[v for v in vars(self.row_params).values() if isinstance(v, torch.Tensor)]]:
                 torch._dynamo.mark_static_address(t)
             self._compiled = torch.compile(self._fast_step, fullgraph=True, dynamic=False,
                                            mode="reduce-overhead" if cuda else None)
         return self._compiled
 
-    def _fast_step(self, b: int, key_lens: tuple[tuple[int, int], ...], max_top_k: int,
-                   use_top_p: bool) -> torch.Tensor:
+    def _fast_step(self, b: int, key_lens: tuple[tuple[int, int], ...], max_top_k: int, use_top_p: bool,
+                   trace: bool = False) -> torch.Tensor:
         """Decode slots [0, b), sample, and update their state in place where the slot is denoising.
 
-        Returns [b, 2C + 2] float64: argmax canvas, accepted mask, done flag, mean entropy (one read-back)."""
+        Returns one tensor for one read-back (the host reads only the rows that denoised): [b, C + 1] int64, the
+        argmax canvas and the done flag; with `trace`, [b, 2C + 2] fp32 (fp64 past a 2**24 vocabulary) that also
+        holds the accepted mask and the mean entropy."""
         C, V = self.C, self.V
         model = self.model
         seg = CanvasSegment(self.cache, self.canvas[:b], self.cache.dev_lengths[:b], self.sc[:b], dict(key_lens),
@@ -400,26 +412,28 @@ class Engine:
             logits = model.logits(hidden[r0:r1], row_chunks=False)
             parts.append(sampler.step(
                 logits, self.steps_left[r0:r1], params, self.prev_argmax[r0:r1], self.stable_run[r0:r1],
-                CounterDraws(self.seed_keys[r0:r1], self.draw_count[r0:r1]), embedding=model.embed_tokens.weight,
+                StepDraws(self.draw_keys[r0:r1]), embedding=model.embed_tokens.weight,
                 embed_scale=model.text.embed_scale, chunk_elems=(r1 - r0) * C * V, cpu_sub_slabs=False))
             del logits
 
         def field(name):
             return getattr(parts[0], name) if len(parts) == 1 else torch.cat([getattr(r, name) for r in parts])
 
+        # Rows whose slot is not denoising computed garbage: canvas, argmax, run, steps and signal of such a slot are
+        # all rewritten by `_start_canvas` before it denoises again, so only its draw counter and flag are masked.
         act = self.denoising[:b]
-        a2 = act[:, None]
-        argmax, accepted, done = field("argmax"), field("accepted"), field("done") & act
-        self.canvas[:b] = torch.where(a2, field("canvas"), self.canvas[:b])
-        self.prev_argmax[:b] = torch.where(a2, argmax, self.prev_argmax[:b])
-        self.stable_run[:b] = torch.where(act, field("stable_run"), self.stable_run[:b])
-        self.sc[:b] = torch.where(act[:, None, None], field("sc_embeds"), self.sc[:b])
-        self.steps_left[:b] -= act.to(self.steps_left.dtype)
-        self.draw_count[:b] += 2 * act
-        self.denoising[:b] = act & ~done
-        mean_entropy = field("mean_entropy")
-        return torch.cat([argmax.double(), accepted.double(), done[:, None].double(), mean_entropy[:, None].double()],
-                         1)
+        argmax, done = field("argmax"), field("done")
+        self.canvas[:b].copy_(field("canvas"))
+        self.prev_argmax[:b].copy_(argmax)
+        self.stable_run[:b].copy_(field("stable_run"))
+        self.sc[:b].copy_(field("sc_embeds"))
+        self.steps_left[:b].sub_(1)
+        torch.gt(act, done, out=act)  # still denoising: was, and is not done
+        if not trace:  # argmax canvas and done flag
+            return torch.cat([argmax, done[:, None]], 1)
+        pack = self._pack_dtype
+        return torch.cat([argmax.to(pack), done[:, None].to(pack), field("accepted").to(pack),
+                          field("mean_entropy")[:, None].to(pack)], 1)
 
     def _commit(self, s: Sequence, canvas: list[int]) -> list[StreamEvent]:
         """Append a finished canvas to the output; decide whether the request goes on."""

@@ -52,6 +52,7 @@ class KVCache:
         self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [slots] committed tokens (positions) per slot
         self.host_lengths = [0] * num_slots  # the same numbers as Python ints (read without a device sync)
         self.dev_lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # and on the cache's device
+        self._constants: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype, scratch: int = 0) -> int:
@@ -61,6 +62,13 @@ class KVCache:
             size = min(capacity, cfg.sliding_window - 1) if cfg.is_sliding(i) else capacity
             total += 2 * (size + scratch) * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i)
         return total * per * num_slots
+
+    def constant(self, key: tuple, make) -> torch.Tensor:
+        """A read-only index tensor of the fast decode, made once per shape (`make()`) and reused by every step."""
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = make()
+        return t
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -268,18 +276,21 @@ class CanvasSegment:
         self.cache, self.input_ids, self.sc_embeds = cache, canvas, sc_embeds
         b, c = canvas.shape
         dev = canvas.device
-        ar = torch.arange(c, device=dev)
-        self.positions = lengths[:, None] + ar
+        self.positions = lengths[:, None] + cache.constant(("arange", c), lambda: torch.arange(c, device=dev))
         self._plan: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         for size in sorted(set(cache.kept_size)):
-            kept = lengths.clamp(max=size)
+            kept = lengths if size >= cache.capacity else lengths.clamp(max=size)  # full layers keep everything
             buf = size + cache.scratch  # positions per slot in this buffer
-            rows = (torch.arange(b, device=dev) * buf)[:, None]
-            write = (rows + kept[:, None] + ar).reshape(-1)  # [B*C] flat (slot, position) of each canvas token
+            # flat (slot, position) of each canvas token: slot * buf + kept + j
+            grid = cache.constant(("grid", b, c, buf), lambda: (torch.arange(b, device=dev) * buf)[:, None]
+                                  + torch.arange(c, device=dev))
+            write = (grid + kept[:, None]).reshape(-1)  # [B*C]
             n_keys = min(key_lens[size], buf)
-            keys = torch.arange(n_keys, device=dev)
-            mask = torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev).masked_fill_(
-                (keys >= (kept + c)[:, None])[:, None, None], float("-inf"))
+            # key j of a row is masked when j >= kept + C, i.e. j - C >= kept
+            keys = cache.constant(("keys", n_keys, c), lambda: torch.arange(-c, n_keys - c, device=dev)[None, None, None])
+            zeros = cache.constant(("zeros", b, n_keys, mask_dtype),
+                                   lambda: torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev))
+            mask = zeros.masked_fill(keys >= kept[:, None, None, None], float("-inf"))
             self._plan[size] = (n_keys, write, mask)
 
     def attend(self, layer: int, q, k, v):

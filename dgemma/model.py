@@ -29,7 +29,7 @@ from .batch_invariant import Linear, linear
 from .config import FULL, SLIDING, ModelConfig, TextConfig
 from . import batch_invariant
 from .moe import MLP, Experts, RMSNorm, Router, rms_norm
-from .rope import apply_rope, inv_frequencies, rope_tables
+from .rope import apply_rope, apply_rope_fused, inv_frequencies, rope_tables
 
 
 class Segment(Protocol):
@@ -95,7 +95,7 @@ class SelfAttention(nn.Module):
             # layers have no v_proj: V is the scale-free norm of the raw K, i.e. the normed K before its weight.
             hq, hkv = self.heads, self.kv_heads
             normed = rms_norm(F.linear(x, self.fused).view(t, -1, d), None, self.q_norm.eps)
-            qk = apply_rope((normed * self.fused_norm)[:, :hq + hkv], cos, sin)
+            qk = apply_rope_fused((normed * self.fused_norm)[:, :hq + hkv], cos, sin)
             v = normed[:, hq + hkv:] if self.v_proj is not None else normed[:, hq:]
             return qk[:, :hq], qk[:, hq:], v
         q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.heads, d)), cos, sin)
@@ -199,13 +199,11 @@ class DiffusionGemma(nn.Module):
             if lt in t.layer_types:
                 dim = t.head_dim if lt == SLIDING else t.global_head_dim
                 self.register_buffer(f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim), persistent=False)
-        # Both layer types' tables in one pass per forward: [inv_s, inv_s, inv_f, inv_f] and the signs of rotate-half.
+        # Both layer types' tables in one pass per forward: [-inv_s, inv_s, -inv_f, inv_f] (rotate-half's signs).
         self._rope_dims = [(lt, 2 * getattr(self, f"inv_freq_{lt}").numel()) for lt in (SLIDING, FULL)
                            if hasattr(self, f"inv_freq_{lt}")]
         inv = [getattr(self, f"inv_freq_{lt}") for lt, _ in self._rope_dims]
-        self.register_buffer("inv_freq_all", torch.cat([torch.cat([f, f]) for f in inv]), persistent=False)
-        self.register_buffer("inv_freq_sign", torch.cat([torch.cat([-torch.ones_like(f), torch.ones_like(f)])
-                                                         for f in inv]), persistent=False)
+        self.register_buffer("inv_freq_signed", torch.cat([torch.cat([-f, f]) for f in inv]), persistent=False)
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and the dense gate/up weights for the fast path (idempotent, cheap to call again; redone
@@ -287,7 +285,7 @@ class DiffusionGemma(nn.Module):
         else:
             is_decoder = torch.cat([torch.full((seg.input_ids.numel(), 1), not seg.causal, device=x.device)
                                     for seg in segments])
-        rope = rope_tables(self.inv_freq_all, self.inv_freq_sign, self._rope_dims, positions, x.dtype)
+        rope = rope_tables(self.inv_freq_signed, self._rope_dims, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, segments, *rope[layer.layer_type], is_decoder)
         x = self.norm(x)

@@ -42,14 +42,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos.unsqueeze(-2) + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin.unsqueeze(-2)
 
 
-def rope_tables(inv_all: torch.Tensor, sign: torch.Tensor, dims: list[tuple[str, int]], positions: torch.Tensor,
+def apply_rope_fused(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the second product and the sum as one multiply-add (three kernels; the fast path: it may
+    round the sum once instead of twice)."""
+    return torch.addcmul(x * cos.unsqueeze(-2), torch.roll(x, x.shape[-1] // 2, -1), signed_sin.unsqueeze(-2))
+
+
+def rope_tables(signed_inv: torch.Tensor, dims: list[tuple[str, int]], positions: torch.Tensor,
                 dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`cos_sin` for several layer types at once (five kernels in all): `inv_all` holds each type's frequencies
-    twice in a row ([inv, inv] per type, in the order of `dims`: (type, head_dim)), `sign` rotate-half's signs.
-    Returns {type: (cos, signed sin)}, each [*positions.shape, head_dim] (views of one table), the same values as
-    `cos_sin` bit for bit."""
-    f = positions[..., None].float() * inv_all.to(positions.device)
-    cos, sin = f.cos().to(dtype), (f.sin() * sign.to(positions.device)).to(dtype)
+    """`cos_sin` for several layer types at once (four kernels in all): `signed_inv` holds each type's frequencies
+    twice in a row, the first copy negated ([-inv, inv] per type, in the order of `dims`: (type, head_dim)). cos is
+    even and sin odd (exactly so in floating point: both reduce the argument symmetrically), so cos and the signed
+    sin come straight out. Returns {type: (cos, signed sin)}, each [*positions.shape, head_dim] (views of one
+    table), the same values as `cos_sin`."""
+    f = positions[..., None].float() * signed_inv.to(positions.device)
+    cos, sin = f.cos().to(dtype), f.sin().to(dtype)
     out, start = {}, 0
     for lt, dim in dims:
         out[lt] = (cos[..., start:start + dim], sin[..., start:start + dim])

@@ -120,6 +120,25 @@ class PerRequestDraws:
         return inverse_cdf_sample(probs.reshape(-1, vocab_size), u).view(rows, canvas_length)
 
 
+_SCALARS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _scalar(value: int, like: Tensor) -> Tensor:
+    """A 0-dim `value` of `like`'s dtype and device (a constant, made once)."""
+    key = (value, like.dtype, like.device)
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return _SCALARS[key]
+
+
+def _zero(like: Tensor) -> Tensor:
+    return _scalar(0, like)
+
+
+def _one(like: Tensor) -> Tensor:
+    return _scalar(1, like)
+
+
 def inverse_cdf_sample(probs: Tensor, u: Tensor, *, inplace: bool = False) -> Tensor:
     """Index of the first cumulative probability above u * total, per row of probs [M, V]; u is [M] in [0, 1).
 
@@ -128,7 +147,7 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor, *, inplace: bool = False) -> Te
     """
     cdf = probs.cumsum_(-1) if inplace else probs.cumsum(-1)
     total = cdf[:, -1:]
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, _zero(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
@@ -143,8 +162,18 @@ def first_argmax(z: Tensor) -> Tensor:
         return z.argmax(dim=-1)
     blocks = z.view(m, v // ARGMAX_BLOCK, ARGMAX_BLOCK)
     best = blocks.amax(dim=-1).argmax(dim=-1)  # the first block holding the row's maximum
-    inner = blocks[torch.arange(m, device=z.device), best].argmax(dim=-1)  # its first maximum inside that block
-    return best * ARGMAX_BLOCK + inner
+    inner = blocks[_arange(m, z.device), best].argmax(dim=-1)  # its first maximum inside that block
+    return torch.add(inner, best, alpha=ARGMAX_BLOCK)
+
+
+_ARANGES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """arange(n) on device (a constant, made once)."""
+    if (n, device) not in _ARANGES:
+        _ARANGES[(n, device)] = torch.arange(n, device=device)
+    return _ARANGES[(n, device)]
 
 
 # MARK: the pieces of a step, each identical to HF's arithmetic
@@ -184,13 +213,16 @@ def mask_top_k_top_p(x: Tensor, top_k: Tensor, top_p: Tensor, max_top_k: int, us
     return x
 
 
-def entropy(z: Tensor, *, inplace: bool = False) -> Tensor:
+def entropy(z: Tensor, *, inplace: bool = False, finite: bool = False) -> Tensor:
     """Entropy of softmax(z) over the last dim, with exactly the ops of
     `torch.distributions.Categorical(logits=z).entropy()` (what HF calls), so values match bit for bit.
-    -inf logits contribute 0. With inplace=True, z is used as scratch."""
+    -inf logits contribute 0. With inplace=True, z is used as scratch. `finite=True` promises no -inf in z (no
+    top-k/top-p mask): the clamp that guards -inf * 0 is then a no-op and is skipped (one kernel less)."""
     log_p = z.sub_(z.logsumexp(dim=-1, keepdim=True)) if inplace else z - z.logsumexp(dim=-1, keepdim=True)
     p = torch.softmax(log_p, dim=-1)
-    return -log_p.clamp_(min=torch.finfo(z.dtype).min).mul_(p).sum(-1)
+    if not finite:
+        log_p = log_p.clamp_(min=torch.finfo(z.dtype).min)
+    return -log_p.mul_(p).sum(-1)
 
 
 def accept_by_entropy(token_entropy: Tensor, entropy_bound: Tensor) -> Tensor:
@@ -199,7 +231,7 @@ def accept_by_entropy(token_entropy: Tensor, entropy_bound: Tensor) -> Tensor:
     token_entropy [B, C] fp32, entropy_bound [B] fp32 (HF compares in fp32). Ties follow torch.sort, as in HF."""
     sorted_h, order = torch.sort(token_entropy, dim=-1)
     keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= entropy_bound[:, None]
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep_sorted.scatter(-1, order, keep_sorted)  # order is a permutation: every entry is overwritten
 
 
 def self_conditioning_probs(z: Tensor, dtype: torch.dtype, *, probs: Tensor | None = None) -> Tensor:
@@ -243,6 +275,9 @@ class RowParams:
     stability_threshold: Tensor  # [B] int32
     top_k: Tensor  # [B] int64, 0 = off
     top_p: Tensor  # [B] float64, 1.0 = off
+    t_min32: Tensor  # [B] fp32 t_min, and the span and N of the schedule as `temperature` rounds them: made once
+    t_span32: Tensor  # [B] fp32 (t_max - t_min), the difference taken in float64
+    steps32: Tensor  # [B] fp32 N (its reciprocal on CUDA, where HF multiplies by it)
     max_top_k: int = 0  # host-side max of top_k: lets the step skip or size the filter without a device sync
     use_top_p: bool = False  # host-side: some row has top_p < 1
 
@@ -251,7 +286,12 @@ class RowParams:
         def col(name: str, dtype: torch.dtype) -> Tensor:
             return torch.tensor([getattr(s, name) for s in settings], dtype=dtype, device=device)
 
+        t_min, t_max = col("t_min", torch.float64), col("t_max", torch.float64)
+        steps32 = col("max_denoising_steps", torch.float32)
         return cls(
+            t_min32=t_min.to(torch.float32),
+            t_span32=(t_max - t_min).to(torch.float32),
+            steps32=steps32.reciprocal() if steps32.device.type == "cuda" else steps32,
             max_steps=col("max_denoising_steps", torch.int32),
             t_min=col("t_min", torch.float64),
             t_max=col("t_max", torch.float64),
@@ -263,6 +303,12 @@ class RowParams:
             max_top_k=max((s.top_k for s in settings), default=0),
             use_top_p=any(s.top_p < 1 for s in settings),
         )
+
+    def temperature(self, steps_left: Tensor) -> Tensor:
+        """`temperature(steps_left, max_steps, t_min, t_max)` from the precomputed parts (4 kernels, the same bits)."""
+        n = steps_left.to(torch.float32)
+        frac = n * self.steps32 if n.device.type == "cuda" else n / self.steps32
+        return self.t_min32 + self.t_span32 * frac
 
     def select(self, rows: Tensor) -> RowParams:
         """Rows `rows` (an index tensor). The host-side hints are kept: they stay valid upper bounds."""
@@ -290,6 +336,25 @@ def start_canvas(draws: DrawSource, canvas_length: int, vocab_size: int) -> tupl
 
 
 # MARK: the step
+
+
+def _per_position(logits, temp_rows, u, top_k, top_p, params, embedding, embed_scale):
+    """All per-position passes over logits [B, C, V] at once: argmax, sample, entropy and the self-conditioning
+    signal, flat over positions. The same values as the sub-slab loop in `step` (temperature broadcast per row)."""
+    rows, c, v = logits.shape
+    if top_k is not None:
+        logits = mask_top_k_top_p(logits.view(rows * c, v), top_k, top_p, params.max_top_k,
+                                  params.use_top_p).view(rows, c, v)
+    z = (logits / temp_rows[:, None, None]).view(rows * c, v)
+    argmax = first_argmax(z)
+    probs = torch.softmax(z, dim=-1)
+    sc = None
+    if embedding is not None:
+        sc = self_conditioning_matmul(self_conditioning_probs(z, embedding.dtype, probs=probs), embedding,
+                                      embed_scale)
+    sampled = inverse_cdf_sample(probs, u, inplace=True)
+    del probs
+    return argmax, sampled, entropy(z, inplace=True, finite=top_k is None), sc
 
 
 def step(
@@ -325,18 +390,11 @@ def step(
         u, noise = draws.uniforms(canvas_length), draws.renoise(canvas_length, vocab_size)
     u = u.reshape(positions)
 
-    temp = temperature(steps_left, params.max_steps, params.t_min, params.t_max).repeat_interleave(canvas_length)
+    temp_rows = params.temperature(steps_left)
     filtering = params.max_top_k > 0 or params.use_top_p
     if filtering:
         top_k = params.top_k.repeat_interleave(canvas_length)
         top_p = params.top_p.repeat_interleave(canvas_length)
-
-    argmax = torch.empty(positions, dtype=torch.int64, device=logits.device)
-    sampled = torch.empty_like(argmax)
-    token_entropy = torch.empty(positions, dtype=torch.float32, device=logits.device)
-    sc = None
-    if embedding is not None:
-        sc = torch.empty(positions, embedding.shape[1], dtype=embedding.dtype, device=logits.device)
 
     slab = slab_positions(canvas_length, vocab_size, chunk_elems)
     # On the CPU the per-position passes run on cache-sized sub-slabs (every op is per position, so the values are
@@ -346,24 +404,37 @@ def step(
     # On CUDA the kernels' reduction order may depend on the row count, so the sub-slab is the whole slab there.
     sub = slab if logits.device.type != "cpu" or not cpu_sub_slabs else \
         min(slab, max(2, CPU_SUB_SLAB_ELEMS // vocab_size))
-    for s in range(0, positions, slab):
-        e = min(s + slab, positions)
-        sc_probs = None if sc is None else torch.empty(e - s, vocab_size, dtype=embedding.dtype, device=logits.device)
-        for a in range(s, e, sub):
-            b = min(a + sub, e)
-            x = flat[a:b]
-            if filtering:
-                x = mask_top_k_top_p(x, top_k[a:b], top_p[a:b], params.max_top_k, params.use_top_p)
-            z = x / temp[a:b, None]  # a tensor divisor: true division, as HF's 0-dim temperature tensor
-            argmax[a:b] = first_argmax(z)
-            probs = torch.softmax(z, dim=-1)
-            if sc_probs is not None:
-                sc_probs[a - s:b - s] = self_conditioning_probs(z, embedding.dtype, probs=probs)
-            sampled[a:b] = inverse_cdf_sample(probs, u[a:b], inplace=True)
-            del probs  # free before the entropy pass allocates its own temporaries
-            token_entropy[a:b] = entropy(z, inplace=True)
-        if sc is not None:
-            sc[s:e] = self_conditioning_matmul(sc_probs, embedding, embed_scale)
+    if sub >= positions:  # one pass over everything (the fast path): no output buffers, the same ops
+        argmax, sampled, token_entropy, sc = _per_position(logits, temp_rows, u, top_k if filtering else None,
+                                                          top_p if filtering else None, params, embedding,
+                                                          embed_scale)
+    else:
+        temp = temp_rows.repeat_interleave(canvas_length)
+        argmax = torch.empty(positions, dtype=torch.int64, device=logits.device)
+        sampled = torch.empty_like(argmax)
+        token_entropy = torch.empty(positions, dtype=torch.float32, device=logits.device)
+        sc = None
+        if embedding is not None:
+            sc = torch.empty(positions, embedding.shape[1], dtype=embedding.dtype, device=logits.device)
+        for s in range(0, positions, slab):
+            e = min(s + slab, positions)
+            sc_probs = None if sc is None else torch.empty(e - s, vocab_size, dtype=embedding.dtype,
+                                                           device=logits.device)
+            for a in range(s, e, sub):
+                b = min(a + sub, e)
+                x = flat[a:b]
+                if filtering:
+                    x = mask_top_k_top_p(x, top_k[a:b], top_p[a:b], params.max_top_k, params.use_top_p)
+                z = x / temp[a:b, None]  # a tensor divisor: true division, as HF's 0-dim temperature tensor
+                argmax[a:b] = first_argmax(z)
+                probs = torch.softmax(z, dim=-1)
+                if sc_probs is not None:
+                    sc_probs[a - s:b - s] = self_conditioning_probs(z, embedding.dtype, probs=probs)
+                sampled[a:b] = inverse_cdf_sample(probs, u[a:b], inplace=True)
+                del probs  # free before the entropy pass allocates its own temporaries
+                token_entropy[a:b] = entropy(z, inplace=True, finite=not filtering)
+            if sc is not None:
+                sc[s:e] = self_conditioning_matmul(sc_probs, embedding, embed_scale)
 
     token_entropy = token_entropy.view(rows, canvas_length)
     argmax = argmax.view(rows, canvas_length)
@@ -371,7 +442,7 @@ def step(
     canvas = torch.where(accepted, sampled.view(rows, canvas_length), noise)
 
     same = (argmax == prev_argmax).all(dim=-1)
-    stable_run = torch.where(same, stable_run + 1, torch.ones_like(stable_run))
+    stable_run = torch.addcmul(_one(stable_run), stable_run, same)  # +1 on an identical argmax canvas, else 1
     mean_entropy = torch.mean(token_entropy, dim=-1)
     # stable_run > k  <=>  this argmax equals each of the previous k argmax canvases (HF's history test).
     converged = (stable_run > params.stability_threshold) & (mean_entropy < params.confidence_threshold)
