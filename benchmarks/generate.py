@@ -27,6 +27,7 @@ from dgemma import checkpoint
 from dgemma.autoregressive import generate_ar
 from dgemma.engine import Engine, EngineConfig
 from dgemma.hf_oracle import replay_draws
+from dgemma.draws import CounterStream
 from dgemma.sampler import PerRequestDraws
 from dgemma.sampling_params import SamplingParams
 
@@ -93,7 +94,8 @@ def run_hf(hf, prompts, seeds, args, canvas):
         mask[i, width - len(p):] = 1
     from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_gen
 
-    with torch.no_grad(), replay_draws(PerRequestDraws.from_seeds(seeds), rows, canvas):
+    draws = PerRequestDraws.from_seeds(seeds) if args.batch_invariant else CounterStream(seeds)
+    with torch.no_grad(), replay_draws(draws, rows, canvas):
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, max_denoising_steps=args.steps,
                           confidence_threshold=1e-30, eos_token_id=None, pad_token_id=0,
                           sampler_config=hf_gen.EntropyBoundSamplerConfig(entropy_bound=0.1))
