@@ -218,7 +218,8 @@ def test_auth_model_size_and_route_errors(server, client):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="tiny", prompt="x" * 100_000, max_tokens=4)
     assert e.value.status_code == 413 and e.value.code == "request_too_large"
-    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "request body is not valid JSON"
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()

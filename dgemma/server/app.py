@@ -35,9 +35,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import ServerConfig
 from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from .metrics import ServerMetrics
+from .prompts import PromptEncoder
 from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
                        RequestError, Response, StreamWriter, Usage, completion_prompt, error_body, sampling_params,
                        template_messages, unsupported)
+from .schema import ERROR, add_request_bodies, route_docs
+from .security import HostCheck, require_json
 
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -58,6 +61,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
     names = set(config.served_model_names) | {config.model_name}
     max_len = llm.engine.cfg.max_model_len
     vocab = llm.engine.V
+    prompts = PromptEncoder(llm.tokenizer, max_len)
     started = int(time.time())
 
     @asynccontextmanager
@@ -66,7 +70,13 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="dgemma", summary="OpenAI-compatible block-diffusion server", lifespan=lifespan)
+    # With --api-key the interactive docs are off and the schema needs the key (GET /openapi.json below).
+    keyless = config.api_key is None
+    app = FastAPI(title="dgemma", summary="OpenAI-compatible block-diffusion server", lifespan=lifespan,
+                  docs_url="/docs" if keyless else None, redoc_url="/redoc" if keyless else None,
+                  openapi_url="/openapi.json" if keyless else None)
+    add_request_bodies(app)
+    app.add_middleware(HostCheck, bound_host=config.host, allowed=config.allowed_hosts)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -118,6 +128,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         authorize(request)
         with metrics.lock:
             metrics.received.inc(endpoint=endpoint)
+        require_json(request.headers.get("content-type"))
         body = await read_body(request)
         try:
             req = model.model_validate_json(body or b"null")
@@ -137,9 +148,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         """max_new_tokens for a request: what it asked for, or all the room left (never a silent 256 cap)."""
         chat = isinstance(req, ChatCompletionRequest)
         if n_prompt >= max_len:
-            raise RequestError(f"the prompt has {n_prompt} tokens but max_model_len is {max_len}: at least one "
-                               "token must be left for the output", param="messages" if chat else "prompt",
-                               code="context_length_exceeded")
+            raise prompts.too_long(n_prompt, "messages" if chat else "prompt")
         asked = req.requested_max_tokens
         if asked is not None and n_prompt + asked > max_len:
             field = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
@@ -264,28 +273,43 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    @app.post("/v1/completions")
+    # Tokenising runs in a worker thread and releases the GIL (see prompts.py): a multi-megabyte prompt neither
+    # freezes the event loop (/health, other streams) nor the engine thread. Too long by characters: refused first.
+    @app.post("/v1/completions", **route_docs(CompletionRequest))
     async def completions(request: Request):
         t0 = time.monotonic()
         req = await parse(request, CompletionRequest, "completions")
         prompt = completion_prompt(req)
-        ids = await asyncio.to_thread(llm.encode, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            prompts.check_chars(len(prompt), "prompt")
+            ids = await asyncio.to_thread(prompts.encode, prompt)
+        else:
+            budget(len(prompt), req)  # before copying a long list of ids
+            ids = [int(t) for t in prompt]
         rid, q = await start(req, ids, "cmpl")
         return await respond(request, req, rid, q, len(ids), False, t0)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **route_docs(ChatCompletionRequest))
     async def chat_completions(request: Request):
         t0 = time.monotonic()
         req = await parse(request, ChatCompletionRequest, "chat")
         messages = template_messages(req)
-        try:
-            ids = await asyncio.to_thread(llm.chat_prompt, messages, **(req.chat_template_kwargs or {}))
-        except Exception as e:  # template errors (e.g. roles must alternate) are the client's to fix
-            raise RequestError(f"chat template: {e}", param="messages") from None
+
+        def render_and_encode() -> list[int]:  # the template is the client's to satisfy: its errors are 400s
+            text = prompts.render_chat(messages, req.chat_template_kwargs)
+            return prompts.encode(text, "messages", add_special_tokens=False)
+
+        ids = await asyncio.to_thread(render_and_encode)
         rid, q = await start(req, ids, "chatcmpl")
         return await respond(request, req, rid, q, len(ids), True, t0)
 
-    @app.get("/v1/models")
+    if not keyless:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request):
+            authorize(request)
+            return app.openapi()
+
+    @app.get("/v1/models", responses={200: {"model": ModelList}, 401: ERROR})
     async def models(request: Request):
         authorize(request)
         cards = [ModelCard(id=n, created=started, root=str(llm.checkpoint.path), max_model_len=max_len)

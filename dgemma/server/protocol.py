@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..sampling_params import SamplingParams
 
@@ -36,7 +36,12 @@ class RequestError(ValueError):
 
 # -- requests ----------------------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+INT32 = 2**31 - 1  # fields the engine keeps in int32 tensors
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # streaming holds back tails of stop strings: keep that check cheap
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -51,22 +56,22 @@ class _Common(_Strict):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # accepted, no effect: see the module docstring
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32)
     user: str | None = None
     # DiffusionGemma extras
-    max_denoising_steps: int | None = Field(None, ge=1)
+    max_denoising_steps: int | None = Field(None, ge=1, le=INT32)
     entropy_bound: float | None = Field(None, gt=0)
     t_min: float | None = Field(None, ge=0)
     t_max: float | None = Field(None, ge=0)
-    stability_threshold: int | None = Field(None, ge=0)
+    stability_threshold: int | None = Field(None, ge=0, le=INT32)
     confidence_threshold: float | None = Field(None, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**63)]] | None = None
     dgemma: DgemmaOptions | None = None
     # declared only to be refused by name (see `unsupported`)
     n: int | None = None
@@ -85,8 +90,11 @@ class _Common(_Strict):
         return self.max_tokens
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**63)]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = None
