@@ -77,7 +77,7 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                   openapi_url="/openapi.json" if keyless else None)
     add_request_bodies(app)
     app.add_middleware(HostCheck, bound_host=config.host, allowed=config.allowed_hosts)
-    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.state.engine, app.state.metrics, app.state.config, app.state.prompts = engine, metrics, config, prompts
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def error_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
