@@ -16,6 +16,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -201,7 +202,8 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         hint = " (another process is listening there: stop it or pick another --port)" \
             if e.errno == errno.EADDRINUSE else ""
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(f"cannot listen on {host}:{port}: {why}{hint}") from None
 
 
 if __name__ == "__main__":
