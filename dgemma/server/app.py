@@ -39,7 +39,7 @@ from .prompts import PromptEncoder
 from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
                        RequestError, Response, StreamWriter, Usage, completion_prompt, error_body, sampling_params,
                        template_messages, unsupported)
-from .schema import ERROR, add_request_bodies, route_docs
+from .schema import ERROR, Health, add_request_bodies, route_docs
 from .security import HostCheck, require_json
 
 STATIC = Path(__file__).parent / "static"
@@ -316,17 +316,17 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
                  for n in [config.model_name] + [n for n in config.served_model_names if n != config.model_name]]
         return ModelList(data=cards).model_dump()
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: ERROR})
     async def health():
         if not engine.alive:
             return error_response(503, error_body("engine loop is not running", "server_error"))
         return {"status": "ok", "running": metrics.running.get(), "waiting": metrics.queue_depth.get()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def playground():
         return FileResponse(STATIC / "playground.html", media_type="text/html")
 

@@ -29,6 +29,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class Health(BaseModel):
+    status: str
+    running: float  # requests holding a slot
+    waiting: float  # requests queued for one
+
+
+# One server-sent event: `data` holds a JSON chunk (a `Response`, or an error body), or `[DONE]` at the end.
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
 ERROR = {"model": ErrorResponse, "description": "an OpenAI-style error"}
 _REQUEST_MODELS: dict[str, type[BaseModel]] = {}
 
@@ -40,7 +49,7 @@ def route_docs(request_model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}}}
     success = {"model": Response, "description": "the completion; with `stream: true` server-sent events "
                "(`data: {chunk}` lines, then `data: [DONE]`)",
-               "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+               "content": {"text/event-stream": {"schema": SSE_EVENT}}}
     errors = {code: ERROR for code in (400, 401, 404, 413, 415, 500, 503)}
     return {"openapi_extra": {"requestBody": body}, "responses": {200: success, **errors}}
 
