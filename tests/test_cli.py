@@ -151,3 +151,19 @@ def test_serve_on_a_busy_port_fails_at_once(ckpt):
     assert lines == [f"dgemma serve: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
                      "process is listening there: stop it or pick another --port)"], r.stderr
     assert "startup complete" not in r.stderr + r.stdout
+
+
+def test_serve_says_where_it_listens_and_serves(ckpt):
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", "0",
+                             "--max-model-len", "64", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()  # the first line: the URL (the port was 0: the OS chose one)
+        assert line.startswith("dgemma serve: serving ") and "http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split(" ")[0]
+        assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import uvicorn
 
-        log.info("serving %s on http://%s:%d (playground at /)", config.model_name, config.host, config.port)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        print(f"dgemma serve: serving {config.model_name} on http://{host}:{sock.getsockname()[1]} (playground at /)",
+              file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level))
         server.run(sockets=[sock])
     return 0
