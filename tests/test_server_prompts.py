@@ -80,3 +80,14 @@ def test_no_bound_where_the_pipeline_can_delete_characters(tokenizer):
     keeping = {"normalizer": {"type": "Sequence", "normalizers": [
         {"type": "NFD"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}}
     assert max_chars_per_token(spec_with(tokenizer, **keeping)) is not None
+
+
+def test_no_bound_where_one_token_can_spell_any_run_of_unknown_characters():
+    from tokenizers.models import BPE, WordPiece
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2}
+    fused = Backend(BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
+    assert len(fused.encode("x" * 1000).ids) == 1 and max_chars_per_token(fused) is None
+    assert max_chars_per_token(Backend(WordPiece(vocab=vocab, unk_token="<unk>"))) is None
+    assert max_chars_per_token(Backend(BPE(vocab=vocab, merges=[], unk_token="<unk>"))) == 5  # one <unk> a char
+

@@ -54,8 +54,10 @@ def max_chars_per_token(backend) -> int | None:
         return None
     model = spec.get("model") or {}
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") == "BPE" and not (byte_level or model.get("byte_fallback") or model.get("unk_token")):
-        return None  # characters outside the vocabulary are dropped
+    if model.get("type") != "BPE":
+        return None  # WordPiece and Unigram can spell a whole unknown word as one unknown token
+    if not (byte_level or model.get("byte_fallback")) and (model.get("fuse_unk") or not model.get("unk_token")):
+        return None  # characters outside the vocabulary are dropped, or a run of them becomes one token
     if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens", [])):
         return None  # such tokens absorb the whitespace around them
     return max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
