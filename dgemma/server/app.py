@@ -3,11 +3,13 @@
     app = create_app(llm, ServerConfig(...))      # uvicorn.run(app) starts the engine loop through the lifespan
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` SSE ending in
-`data: [DONE]`), GET /health, GET /metrics (Prometheus text), GET / (the playground page).
+`data: [DONE]`), GET /health, GET /metrics (Prometheus text), GET / (the playground page), GET /openapi.json (and
+/docs, /redoc without --api-key; see schema.py). Every request passes the Host check and POST bodies must be JSON
+(security.py); prompts are checked and tokenised off the GIL (prompts.py).
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: 400 invalid or unsupported
-fields and too-long prompts, 401 bad API key, 404 unknown model or route, 413 oversized body, 503 queue full (with
-Retry-After), 500 engine failure. A client that disconnects cancels its request: streaming responses are cancelled
+fields, too-long prompts and unknown Host names, 401 bad API key, 404 unknown model or route, 413 oversized body,
+415 a body not declared JSON, 503 queue full (with Retry-After), 500 engine failure. A client that disconnects cancels its request: streaming responses are cancelled
 by Starlette (the generator's `finally` aborts), non-streaming ones watch `http.disconnect` themselves.
 
 Opt-in draft streaming: with `"dgemma": {"drafts": true}` and `stream: true`, every denoising step also sends a
