@@ -390,3 +390,12 @@ def test_too_long_prompt_is_refused_by_characters_before_tokenising(server, clie
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 10000}],
                                        max_tokens=4)
     assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "messages"
+
+
+def test_character_bound_applies_to_the_rendered_chat(client, offline):
+    # The template trims each message: 20,000 characters of padding render to a short prompt, which must be served.
+    padded = [{"role": "user", "content": " " * 10_000 + "Who is Hamlet?" + "\n" * 10_000}]
+    plain = [{"role": "user", "content": "Who is Hamlet?"}]
+    kw = dict(model="tiny", max_tokens=8, seed=4, extra_body=FAST)
+    r = client.chat.completions.create(messages=padded, **kw)
+    assert r.choices[0].message.content == client.chat.completions.create(messages=plain, **kw).choices[0].message.content

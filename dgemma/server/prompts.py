@@ -118,7 +118,6 @@ class PromptEncoder:
             if name not in allowed:
                 raise RequestError(f"'{name}' is not a variable of this model's chat template; it reads "
                                    f"{sorted(allowed)}", param=f"chat_template_kwargs.{name}")
-        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         except Exception as e:  # e.g. a template's raise_exception("roles must alternate")
