@@ -2,8 +2,8 @@
 
 While one long stream runs (with drafts: one event per denoising step), the test sends bodies at the 4 MiB limit
 (refused by their character count), prompts long enough to be tokenised before they are refused (about 450 K
-characters), a body one byte over the limit, a body at the limit uploaded slowly, and streams whose clients do not
-read. Meanwhile it probes GET /health every 50 ms and timestamps the unrelated stream's events.
+characters), a body one byte over the limit, a body at the limit uploaded slowly, and streams of about 100 KB whose
+clients (with a 4 KB receive window) read nothing until the end, when every event must still be there. Meanwhile it probes GET /health every 50 ms and timestamps the unrelated stream's events.
 
 Before the fix, tokenising held the GIL: /health waited seconds and the stream stopped for seconds. The bounds are
 set to hold on a busy 2-core CI machine (where a tokenising thread legitimately takes a core from the engine):
@@ -170,26 +170,32 @@ def test_big_inputs_do_not_stall_health_or_other_streams(server):
 
 def test_clients_that_do_not_read_hold_up_no_one(server, ckpt):
     offline = LLM(ckpt, max_num_seqs=5, max_model_len=MAX_LEN)
-    body = {"prompt": "Whether 'tis nobler", "max_tokens": 48, "stream": True, "ignore_eos": True,
-            "max_denoising_steps": 6, "dgemma": {"drafts": True}}
+    body = {"prompt": "Whether 'tis nobler", "max_tokens": 320, "stream": True, "ignore_eos": True,
+            "max_denoising_steps": 6, "dgemma": {"drafts": True}}  # about 100 KB of events each
     socks = []
 
     def load():
         for seed in range(3):  # three clients that send a request and then read nothing for a while
-            s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server must wait on them
+            s.settimeout(60)
+            s.connect(("127.0.0.1", server.port))
             data = json.dumps({**body, "seed": seed}).encode()
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(data) + data)
             socks.append(s)
         time.sleep(1.5)
-        r = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "seed": 9}, timeout=60)
+        r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 48, "stream": False, "seed": 9},
+                       timeout=60)
         return r.json()["choices"][0]["text"]
 
     try:
         latencies, gaps, text = watched(server, load)
-        ref = lambda seed: offline.generate(body["prompt"], SamplingParams(  # noqa: E731
-            max_new_tokens=48, seed=seed, ignore_eos=True, max_denoising_steps=6))[0].text
-        assert text == ref(9)
+        def ref(seed: int, n: int = 320) -> str:
+            return offline.generate(body["prompt"], SamplingParams(max_new_tokens=n, seed=seed, ignore_eos=True,
+                                                                   max_denoising_steps=6))[0].text
+
+        assert text == ref(9, 48)
         assert_responsive(latencies, gaps)
         for seed, s in enumerate(socks):  # now read them: every event is there, in order, complete
             raw = b""
