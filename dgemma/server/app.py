@@ -9,8 +9,9 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: 400 invalid or unsupported
 fields, too-long prompts and unknown Host names, 401 bad API key, 404 unknown model or route, 413 oversized body,
-415 a body not declared JSON, 503 queue full (with Retry-After), 500 engine failure. A client that disconnects cancels its request: streaming responses are cancelled
-by Starlette (the generator's `finally` aborts), non-streaming ones watch `http.disconnect` themselves.
+415 a body not declared JSON, 503 queue full (with Retry-After), 500 engine failure. A client that disconnects
+cancels its request: streaming responses are cancelled by Starlette (the generator's `finally` aborts), non-streaming
+ones watch `http.disconnect` themselves.
 
 Opt-in draft streaming: with `"dgemma": {"drafts": true}` and `stream: true`, every denoising step also sends a
 chunk with `"object": "dgemma.draft"`, `"choices": []` (so OpenAI clients, which must already skip the empty-choices
