@@ -371,7 +371,8 @@ def test_chat_template_kwargs_are_template_variables_only(server, client, offlin
         assert "got multiple values" not in e.value.message  # the Python error that used to leak
     bos = offline.tokenizer.special_tokens_map["bos_token"]
     kw = dict(model="tiny", messages=msgs, max_tokens=8, seed=2, extra_body=FAST)
-    with_var = client.chat.completions.create(**{**kw, "extra_body": {**FAST, "chat_template_kwargs": {"bos_token": bos}}})
+    with_var = client.chat.completions.create(**{**kw, "extra_body": {**FAST,
+                                                                      "chat_template_kwargs": {"bos_token": bos}}})
     assert with_var.choices[0].message.content == client.chat.completions.create(**kw).choices[0].message.content
 
 
@@ -398,4 +399,5 @@ def test_character_bound_applies_to_the_rendered_chat(client, offline):
     plain = [{"role": "user", "content": "Who is Hamlet?"}]
     kw = dict(model="tiny", max_tokens=8, seed=4, extra_body=FAST)
     r = client.chat.completions.create(messages=padded, **kw)
-    assert r.choices[0].message.content == client.chat.completions.create(messages=plain, **kw).choices[0].message.content
+    ref = client.chat.completions.create(messages=plain, **kw)
+    assert r.choices[0].message.content == ref.choices[0].message.content

@@ -3,7 +3,8 @@
 While one long stream runs (with drafts: one event per denoising step), the test sends bodies at the 4 MiB limit
 (refused by their character count), prompts long enough to be tokenised before they are refused (about 450 K
 characters), a body one byte over the limit, a body at the limit uploaded slowly, and streams of about 100 KB whose
-clients (with a 4 KB receive window) read nothing until the end, when every event must still be there. Meanwhile it probes GET /health every 50 ms and timestamps the unrelated stream's events.
+clients (with a 4 KB receive window) read nothing until the end, when every event must still be there. Meanwhile
+it probes GET /health every 50 ms and timestamps the unrelated stream's events.
 
 Before the fix, tokenising held the GIL: /health waited seconds and the stream stopped for seconds. The bounds are
 set to hold on a busy 2-core CI machine (where a tokenising thread legitimately takes a core from the engine):

@@ -138,7 +138,7 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: Count | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # variables of the chat template, e.g. {"enable_thinking": false}
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
     logprobs: Annotated[bool | None, _only({"const": False})] = None
     top_logprobs: Annotated[AnyInt | None, _only({"const": 0})] = None
     tools: Annotated[list[dict[str, Any]] | None, _only({"type": "array", "maxItems": 0})] = None
