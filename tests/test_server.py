@@ -142,7 +142,7 @@ def test_no_model_serves_the_embedded_default(ckpt, monkeypatch):
 
     monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt)
     llm, app = cli.build(ServerConfig(max_model_len=64))
-    assert llm.checkpoint.path == ckpt and app.state.config.model_name == "dgemma-shakespeare"
+    assert llm.checkpoint.path == ckpt and app.state.server.config.model_name == "dgemma-shakespeare"
     monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt / "missing")
     with pytest.raises(ValueError, match="default model is not installed"):
         cli.build(ServerConfig())
@@ -381,7 +381,7 @@ def test_too_long_prompt_is_refused_by_characters_before_tokenising(server, clie
 
     per_token = max_chars_per_token(server.llm.tokenizer.backend)
     calls = []
-    prompts = server.server.config.app.state.prompts
+    prompts = server.server.config.app.state.server.prompts
     monkeypatch.setattr(prompts, "_batch", lambda *a, **k: calls.append(1))
     with pytest.raises(openai.BadRequestError) as e:  # 63 KB: under the body limit, over what 128 tokens can hold
         client.completions.create(model="tiny", prompt="to be or not " * 5000, max_tokens=4)
