@@ -91,6 +91,25 @@ def chat_inputs(llm, prompt: str, image_paths: list[str]):
         fail(str(e))
 
 
+def check_device(device: str) -> str:
+    """`device` if torch can use it here, else a ValueError in one line (e.g. --device cuda on a CPU-only machine)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available; use --device cpu")
+    return device
+
+
 def generate_main(argv: list[str]) -> int:
     p = Parser(prog="dgemma generate", description="Generate text by denoising canvases in parallel.")
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -109,6 +128,7 @@ def generate_main(argv: list[str]) -> int:
 
     from .llm import LLM
 
+    check_device(args.device)
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
@@ -116,10 +136,14 @@ def generate_main(argv: list[str]) -> int:
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))
     t1 = time.perf_counter()
     if args.show_canvas:
+        from rich.console import Console
+
         from .live import LiveCanvas
 
-        out = LiveCanvas(llm.tokenizer, llm.config.canvas_length, prompt_text=prompt).run(
-            llm.stream(ids, params, images=images))
+        # With --json, stdout carries the JSON object alone (it may be a pipe): the live view goes to stderr.
+        view = LiveCanvas(llm.tokenizer, llm.config.canvas_length, prompt_text=prompt,
+                          console=Console(stderr=True) if args.json else None)
+        out = view.run(llm.stream(ids, params, images=images))
     elif images is not None:
         out = [ev for ev in llm.stream(ids, params, images=images) if ev.kind == "finished"][0].output
     else:
@@ -128,7 +152,8 @@ def generate_main(argv: list[str]) -> int:
     if args.trace_out:
         from .visualize import render_trace
 
-        render_trace(out.trace, llm.tokenizer, Path(args.trace_out), prompt=prompt)
+        written = render_trace(out.trace, llm.tokenizer, Path(args.trace_out), prompt=prompt)
+        print(f"dgemma: wrote the denoising trace ({len(out.trace)} steps) to {written}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

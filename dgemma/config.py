@@ -8,10 +8,13 @@ foreign checkpoint fails with one clear line instead of a shape error deep in th
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("dgemma")
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 SUPPORTED_ROPE = {"default", "proportional"}
@@ -105,6 +108,9 @@ class TextConfig:
             _check(r.rope_type == "proportional" or r.partial_rotary_factor == 1.0, s,
                    f"rope_parameters.{lt}.partial_rotary_factor", "1.0 for rope_type 'default'",
                    r.partial_rotary_factor)
+            _check(r.factor > 0 and (r.rope_type == "proportional" or r.factor == 1.0), s,
+                   f"rope_parameters.{lt}.factor", "1.0 for rope_type 'default' (transformers ignores it there)",
+                   r.factor)
         _check(self.hidden_activation == "gelu_pytorch_tanh", s, "hidden_activation", "'gelu_pytorch_tanh'",
                self.hidden_activation)
         _check(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, s, "head_dim", "even", self.head_dim)
@@ -241,6 +247,39 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def _full_layer_geometry(d: dict, layer_types: list[str], s: str) -> tuple[int, int]:
+    """(head_dim, num_key_value_heads) of the full-attention layers.
+
+    Stored two ways: the release's `global_head_dim` / `num_global_key_value_heads`, or transformers' own
+    `per_layer_config` override map (what `save_pretrained` writes). That map holds only the fields that differ from
+    the base config (with `global_head_dim == head_dim` an entry has no `head_dim`, and it may be `{}`), so a missing
+    field means the base value. Without a map, transformers defaults `global_head_dim` to 512 and the full layers'
+    kv heads to the base count."""
+    if d.get("per_layer_config") is None:
+        gdim = d.get("global_head_dim", 512)
+        gkv = d.get("num_global_key_value_heads")
+        return gdim, gkv if gkv is not None else d["num_key_value_heads"]
+    plc = d["per_layer_config"]
+    if not isinstance(plc, dict):
+        raise ConfigError(f"{_where(s, 'per_layer_config')} must be an object keyed by layer index, got {plc!r}")
+    seen = {}
+    for idx, lt in enumerate(layer_types):
+        o = plc.get(str(idx)) or plc.get(idx) or {}
+        if not isinstance(o, dict):
+            raise ConfigError(f"{_where(s, f'per_layer_config.{idx}')} must be an object, got {o!r}")
+        unknown = sorted(set(o) - {"head_dim", "num_key_value_heads"})
+        if unknown or (lt == SLIDING and o):
+            raise ConfigError(f"{_where(s, f'per_layer_config.{idx}')}: dgemma supports only head_dim and "
+                              f"num_key_value_heads overrides of full-attention layers, got {o!r} for a {lt} layer")
+        if lt == FULL:
+            seen[idx] = (o.get("head_dim", d["head_dim"]), o.get("num_key_value_heads", d["num_key_value_heads"]))
+    if len(set(seen.values())) > 1:
+        raise ConfigError(f"{_where(s, 'per_layer_config')}: every full-attention layer must have the same geometry, "
+                          f"got {seen}")
+    return next(iter(seen.values()), (d.get("global_head_dim", d["head_dim"]),
+                                      d.get("num_global_key_value_heads", d["num_key_value_heads"])))
+
+
 def _text_from_dict(d: dict, source: str) -> TextConfig:
     s = source + " text_config"
     if d.get("model_type", "diffusion_gemma_text") not in ("diffusion_gemma_text", "gemma4_text"):
@@ -253,16 +292,7 @@ def _text_from_dict(d: dict, source: str) -> TextConfig:
         raise ConfigError(f"{s}: missing required field(s) {missing}")
     n = d["num_hidden_layers"]
     layer_types = d.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
-    # Full-attention geometry is stored two ways: the release's `global_head_dim` / `num_global_key_value_heads`,
-    # or transformers' own `per_layer_config` override map (what `save_pretrained` writes).
-    gdim, gkv = d.get("global_head_dim"), d.get("num_global_key_value_heads")
-    plc = d.get("per_layer_config") or {}
-    for idx, lt in enumerate(layer_types):
-        o = plc.get(str(idx)) or plc.get(idx) or plc.get(lt)
-        if lt == FULL and o:
-            gdim = o.get("head_dim", gdim)
-            gkv = o.get("num_key_value_heads", gkv)
-            break
+    gdim, gkv = _full_layer_geometry(d, layer_types, s)
     rp = d.get("rope_parameters") or {
         SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
         FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
@@ -273,16 +303,21 @@ def _text_from_dict(d: dict, source: str) -> TextConfig:
     for lt, r in rp.items():
         if not isinstance(r, dict) or "rope_theta" not in r:
             raise ConfigError(f"{_where(s, f'rope_parameters.{lt}')} must be an object with 'rope_theta', got {r!r}")
-        rope[lt] = RopeConfig(rope_type=r.get("rope_type", "default"), theta=float(r["rope_theta"]),
-                              partial_rotary_factor=float(r.get("partial_rotary_factor", 1.0)),
-                              factor=float(r.get("factor", 1.0)))
+        kind = r.get("rope_type", "default")
+        factor = float(r.get("factor", 1.0))
+        if kind == "default" and factor != 1.0:
+            # transformers' default RoPE never reads `factor` (only its scaled types do): ignore it as it does.
+            log.warning("%s: rope_parameters.%s.factor=%s is ignored for rope_type 'default' (as transformers "
+                        "does)", s, lt, factor)
+            factor = 1.0
+        rope[lt] = RopeConfig(rope_type=kind, theta=float(r["rope_theta"]),
+                              partial_rotary_factor=float(r.get("partial_rotary_factor", 1.0)), factor=factor)
     eos = d.get("eos_token_id", 1)
     return TextConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=n, num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
-        global_head_dim=gdim if gdim is not None else 512,
-        num_global_key_value_heads=gkv if gkv is not None else d["num_key_value_heads"],
+        global_head_dim=gdim, num_global_key_value_heads=gkv,
         num_experts=d["num_experts"], top_k_experts=d["top_k_experts"],
         moe_intermediate_size=d["moe_intermediate_size"], sliding_window=d["sliding_window"],
         layer_types=tuple(layer_types), rope=rope,

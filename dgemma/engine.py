@@ -445,19 +445,21 @@ class Engine:
             if t in s.stop_ids:
                 new, reason = new[:i + 1], "stop"
                 break
-        delta = s.decoder.push(new) if s.decoder is not None else ""
-        if s.params.stop and s.decoder is not None:
-            text = out.text + delta
-            longest = max(map(len, s.params.stop))
-            hits = [h for x in s.params.stop if (h := text.find(x, max(0, len(out.text) - longest + 1))) >= 0]
-            if hits:
-                # Text already streamed cannot be retracted: a stop string spanning the previous canvas cuts there.
+        text = out.text + (s.decoder.push(new) if s.decoder is not None else "")
+        stops = s.params.stop if s.decoder is not None else ()
+        if stops:
+            longest = max(map(len, stops))
+            hits = [h for x in stops if (h := text.find(x, max(0, len(out.text) - longest + 1))) >= 0]
+            if hits:  # a stop string may span the previous canvas: its start was held back, never streamed
                 cut = min(hits)
-                delta, reason = text[len(out.text):cut], "stop"
+                reason = "stop"
                 new = self._tokens_for_text(out.token_ids, new, text[:cut])
-                out.text = out.text[:cut]
+                text = text[:cut]
+        # Stream only what cannot turn out to be the start of a stop string; the rest goes out with a later commit.
+        streamed = len(out.text) - stop_prefix_len(out.text, stops)
+        delta = text[streamed:len(text) - (stop_prefix_len(text, stops) if reason is None else 0)]
         out.token_ids += new
-        out.text += delta
+        out.text = text
         out.canvases.append(CanvasStats(steps=s.canvas_steps, tokens=len(new)))
         self.stats["tokens"] += len(new)
         self.stats["canvases"] += 1
@@ -498,3 +500,17 @@ class Engine:
                 if ev.kind == "finished":
                     done[ev.request_id] = ev.output
         return [done[i] for i in ids]
+
+
+def stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string (0 if none).
+
+    The engine holds that tail back from streaming: the next canvas may complete the stop string, and streamed
+    text cannot be retracted. The caller keeps stop strings short (the server caps them), as this is quadratic."""
+    best = 0
+    for x in stops:
+        for k in range(min(len(x) - 1, len(text)), best, -1):
+            if text.endswith(x[:k]):
+                best = k
+                break
+    return best

@@ -89,3 +89,81 @@ def test_hub_id_resolves_from_local_cache_offline(ckpt, tmp_path, monkeypatch):
     path = checkpoint.resolve("acme/tiny-dg")
     assert path.resolve() == snap.resolve()
     assert checkpoint.load(path).config.canvas_length == 16
+
+
+# MARK: hardening (issue 12): each of these failed before its fix
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from dgemma.cli import main\n"
+            "for argv in (['--help'], ['generate', '--help'], ['serve', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("NO-TORCH"), r.stdout[-300:] + r.stderr[-300:]
+    assert "usage: dgemma serve" in r.stdout and "--allowed-hosts" in r.stdout
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_device_without_cuda_is_a_one_line_error(ckpt, device, monkeypatch, capsys):
+    import torch
+
+    from dgemma.server import cli as serve_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(ckpt), "--device", device, "hi"])
+    assert e.value.code == 2
+    assert serve_cli.main(["serve", str(ckpt), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "Traceback" not in "".join(err)
+    assert err[0].startswith("dgemma: error: --device") and err[1].startswith("dgemma serve: error: --device")
+    assert all("CUDA is not available" in line and "--device cpu" in line for line in err)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(ckpt), "--device", "gpu0", "hi"])
+    assert "is not a device name" in capsys.readouterr().err
+
+
+def test_json_with_show_canvas_keeps_stdout_json(ckpt):
+    r = run_cli("generate", "--model", str(ckpt), "To be", "--max-new-tokens", "16", "--seed", "1",
+                "--max-denoising-steps", "3", "--json", "--show-canvas")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # stdout is a pipe here: the live view must not be in it
+    assert out["completion_tokens"] >= 1 and "canvas" in r.stderr
+
+
+def test_trace_out_says_where_it_wrote(ckpt, tmp_path, capsys):
+    for target in (tmp_path / "t.gif", tmp_path / "frames"):
+        assert main(["generate", "--model", str(ckpt), "To be", "--max-new-tokens", "16", "--seed", "1",
+                     "--max-denoising-steps", "3", "--trace-out", str(target)]) == 0
+        err = capsys.readouterr().err
+        assert "wrote the denoising trace" in err and str(target) in err and target.exists()
+
+
+def test_serve_on_a_busy_port_fails_at_once(ckpt):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = run_cli("serve", str(ckpt), "--port", str(port))
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert lines == [f"dgemma serve: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+                     "process is listening there: stop it or pick another --port)"], r.stderr
+    assert "startup complete" not in r.stderr + r.stdout
+
+
+def test_serve_says_where_it_listens_and_serves(ckpt):
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", "0",
+                             "--max-model-len", "64", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()  # the first line: the URL (the port was 0: the OS chose one)
+        assert line.startswith("dgemma serve: serving ") and "http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split(" ")[0]
+        assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -142,7 +142,7 @@ def test_no_model_serves_the_embedded_default(ckpt, monkeypatch):
 
     monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt)
     llm, app = cli.build(ServerConfig(max_model_len=64))
-    assert llm.checkpoint.path == ckpt and app.state.config.model_name == "dgemma-shakespeare"
+    assert llm.checkpoint.path == ckpt and app.state.server.config.model_name == "dgemma-shakespeare"
     monkeypatch.setattr(dgemma.llm, "default_model_path", lambda: ckpt / "missing")
     with pytest.raises(ValueError, match="default model is not installed"):
         cli.build(ServerConfig())
@@ -218,7 +218,8 @@ def test_auth_model_size_and_route_errors(server, client):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="tiny", prompt="x" * 100_000, max_tokens=4)
     assert e.value.status_code == 413 and e.value.code == "request_too_large"
-    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "request body is not valid JSON"
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
@@ -279,3 +280,124 @@ def test_memory_plan_kv_is_exact(ckpt):
     p = memory.plan(cfg, torch.float32, max_num_seqs=3, max_model_len=100, available=None)
     assert dict(p.parts)["KV cache"] == KVCache(cfg.text, 3, 100).nbytes()
     assert p.fits and p.total > dict(p.parts)["weights"] > 0
+
+
+# MARK: hardening (issue 12): each of these failed before its fix
+
+
+def test_streamed_text_never_leaks_the_start_of_a_stop_string(server, client, offline):
+    """A stop string that starts in one canvas and ends in the next: the stream used to send its start."""
+    checked = 0
+    for seed in range(40):
+        full = offline.generate("To be", sp(max_new_tokens=48, seed=seed, ignore_eos=True))[0]
+        b = len(offline.tokenizer.decode(full.token_ids[:16]))  # where the first canvas's text ends
+        stop = full.text[b - 2:b + 2]
+        if b < 2 or len(stop) < 4 or full.text.find(stop) != b - 2 or "\ufffd" in stop:
+            continue
+        kw = dict(model="tiny", prompt="To be", max_tokens=48, seed=seed, stop=[stop],
+                  extra_body={**FAST, "ignore_eos": True})
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+        assert streamed == client.completions.create(**kw).choices[0].text == full.text[:b - 2]
+        checked += 1
+        if checked == 2:
+            return
+    raise AssertionError("no seed gave a stop string across a canvas boundary")
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_body_must_be_declared_json(server, content_type):
+    # What a web page can send cross-site without a CORS preflight: refused before the body is read as JSON.
+    headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+    body = json.dumps({"model": "tiny", "prompt": "To be", "max_tokens": 4})
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    ok = httpx.post(server.url + "/v1/completions", content=body,
+                    headers={**headers, "Content-Type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_host_header_must_name_this_server(server):
+    def get(host):
+        return httpx.get(server.url + "/health", headers={"Host": host})
+
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", "localhost.evil.example"):
+        r = get(host)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+        assert "--allowed-hosts" in r.json()["error"]["message"]
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "LOCALHOST", f"[::1]:{server.port}",
+                 "10.1.2.3", "app.localhost"):
+        assert get(host).status_code == 200, host
+
+
+def test_allowed_hosts_option():
+    from dgemma.server.security import HostCheck
+
+    args = cli.build_parser().parse_args(["--host", "0.0.0.0", "--allowed-hosts", "box.lan", "Api.Example.com"])
+    cfg = cli.config_from_args(args)
+    check = HostCheck(None, cfg.host, cfg.allowed_hosts)
+    assert check.allows("box.lan:8000") and check.allows("api.example.com") and check.allows("192.168.1.5:8000")
+    assert not check.allows("other.example")
+    assert HostCheck(None, "127.0.0.1", ("*",)).allows("anything.example")
+
+
+def test_api_key_protects_the_schema_and_turns_the_docs_off(server):
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(server.url + path).status_code == 404
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
+    schema = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert "/v1/completions" in schema["paths"]
+    # as documented in docs/serving.md (and as vLLM does): probes stay open
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_docs_are_served_without_api_key(ckpt):
+    _, app = cli.build(ServerConfig(model=str(ckpt), max_model_len=64, max_num_seqs=1))
+    with cli.BackgroundServer(app) as srv:
+        assert httpx.get(srv.url + "/docs").status_code == 200
+        assert "/v1/chat/completions" in httpx.get(srv.url + "/openapi.json").json()["paths"]
+
+
+def test_chat_template_kwargs_are_template_variables_only(server, client, offline):
+    msgs = [{"role": "user", "content": "hi"}]
+    for kwargs, name in (({"tokenize": False}, "tokenize"), ({"messages": []}, "messages"),
+                         ({"raise_exception": "x"}, "raise_exception"), ({"not_in_template": 1}, "not_in_template")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                           extra_body={"chat_template_kwargs": kwargs})
+        assert e.value.body["param"] == f"chat_template_kwargs.{name}"
+        assert "not a variable of this model's chat template" in e.value.message and "bos_token" in e.value.message
+        assert "got multiple values" not in e.value.message  # the Python error that used to leak
+    bos = offline.tokenizer.special_tokens_map["bos_token"]
+    kw = dict(model="tiny", messages=msgs, max_tokens=8, seed=2, extra_body=FAST)
+    with_var = client.chat.completions.create(**{**kw, "extra_body": {**FAST,
+                                                                      "chat_template_kwargs": {"bos_token": bos}}})
+    assert with_var.choices[0].message.content == client.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_too_long_prompt_is_refused_by_characters_before_tokenising(server, client, monkeypatch):
+    from dgemma.server.prompts import max_chars_per_token
+
+    per_token = max_chars_per_token(server.llm.tokenizer.backend)
+    calls = []
+    prompts = server.server.config.app.state.server.prompts
+    monkeypatch.setattr(prompts, "_batch", lambda *a, **k: calls.append(1))
+    with pytest.raises(openai.BadRequestError) as e:  # 63 KB: under the body limit, over what 128 tokens can hold
+        client.completions.create(model="tiny", prompt="to be or not " * 5000, max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and "characters" in e.value.message
+    assert f"at most {MAX_LEN * per_token} characters fit" in e.value.message and not calls
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 10000}],
+                                       max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "messages"
+
+
+def test_character_bound_applies_to_the_rendered_chat(client, offline):
+    # The template trims each message: 20,000 characters of padding render to a short prompt, which must be served.
+    padded = [{"role": "user", "content": " " * 10_000 + "Who is Hamlet?" + "\n" * 10_000}]
+    plain = [{"role": "user", "content": "Who is Hamlet?"}]
+    kw = dict(model="tiny", max_tokens=8, seed=4, extra_body=FAST)
+    r = client.chat.completions.create(messages=padded, **kw)
+    ref = client.chat.completions.create(messages=plain, **kw)
+    assert r.choices[0].message.content == ref.choices[0].message.content

@@ -103,7 +103,7 @@ body = json.dumps({"prompt": "To be", "max_tokens": 400, "stream": stream, "igno
                    "max_denoising_steps": 48, "stability_threshold": 0, "confidence_threshold": 0,
                    "dgemma": {"drafts": True}}).encode()
 s = socket.create_connection(("127.0.0.1", port))
-s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
           b"Content-Length: %d\r\n\r\n" % len(body) + body)
 seen = b""
 while stream and b"dgemma.draft" not in seen:  # it holds a slot and is denoising

@@ -6,6 +6,9 @@ Modules:
     async_engine.py  the engine loop: one background thread owns the synchronous `Engine`; asyncio talks to it
     protocol.py      pydantic request/response models and the OpenAI -> `SamplingParams` mapping
     app.py           the FastAPI app factory: endpoints, auth, errors, SSE streaming, the playground page
+    prompts.py       prompt text to ids: the character bound, tokenising off the GIL, chat template variables
+    security.py      the Host check (DNS rebinding) and JSON-only bodies (no cross-site "simple" requests)
+    schema.py        the OpenAPI description: request bodies, responses, errors (what the fuzz test checks)
     metrics.py       Prometheus text-format metrics (plain formatting, no prometheus_client dependency)
     media.py         image parts of chat requests: data:/file:/http(s) URL policy, bad-image 400s
     static/          the playground page served at `GET /`
@@ -25,6 +28,8 @@ class ServerConfig:
 
     model: str | None = None  # checkpoint folder or hub name; None: the embedded default model
     host: str = "127.0.0.1"  # loopback by default: exposing a server is an explicit choice
+    # Host-header names served besides IP literals, localhost and `host` (DNS-rebinding defence); "*": any
+    allowed_hosts: tuple[str, ...] = ()
     port: int = 8000
     served_model_names: tuple[str, ...] = ()  # first one is echoed in responses; empty: derived from `model`
     api_key: str | None = None

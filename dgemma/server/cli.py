@@ -5,20 +5,25 @@
 
 Every multi-word flag takes dashes or underscores (`--canvas_length 256`), as vLLM's do. With no MODEL the embedded
 default model is served. The server binds 127.0.0.1 unless --host says otherwise. Exit status 2 means the
-configuration was refused before anything was loaded (bad flags, a memory plan that cannot fit, a missing model).
+configuration was refused before anything was loaded (bad flags, an unavailable --device, a memory plan that cannot
+fit, a missing model); exit status 1 means the address cannot be listened on (e.g. the port is in use). The port is
+bound before the model loads, so a busy port fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
 from dataclasses import replace
 
-from ..cli import Parser
+from ..cli import Parser, check_device
 from . import ServerConfig
 
 log = logging.getLogger("dgemma.server")
@@ -47,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
           '"max_denoising_steps": 48, "entropy_bound": 0.1}\'')
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised concurrently (KV cache slots)")
     p.add_argument("--max-waiting", type=int, default=64, help="bound of the waiting queue (beyond: 503 + Retry-After)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
+                   help="Host-header names to serve besides IP addresses, localhost and --host (a defence against "
+                        "DNS rebinding); '*' serves any")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /openapi.json "
+                   "(turns /docs and /redoc off; /health and /metrics stay open)")
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model'")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -91,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if bad:
             raise ValueError(f"--diffusion-config: {bad} must be numbers")
     return ServerConfig(
-        model=args.model, host=args.host, port=args.port, served_model_names=tuple(args.served_model_name or ()),
+        model=args.model, host=args.host, port=args.port, allowed_hosts=tuple(args.allowed_hosts or ()),
+        served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
         max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
@@ -181,15 +191,41 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = config_from_args(args)
-        _, app = build(config)
-    except (MemoryPlanError, CheckpointError, ConfigError, ValueError) as e:
+        check_device(config.device)
+    except ValueError as e:
         print(f"dgemma serve: error: {e}", file=sys.stderr)
         return 2
-    import uvicorn
+    try:
+        sock = listen(config.host, config.port)  # before loading: a busy port fails in a second, not after a load
+    except OSError as e:
+        print(f"dgemma serve: error: {e}", file=sys.stderr)
+        return 1
+    with sock:
+        try:
+            _, app = build(config)
+        except (MemoryPlanError, CheckpointError, ConfigError, ValueError) as e:
+            print(f"dgemma serve: error: {e}", file=sys.stderr)
+            return 2
+        import uvicorn
 
-    log.info("serving %s on http://%s:%d (playground at /)", config.model_name, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        print(f"dgemma serve: serving {config.model_name} on http://{host}:{sock.getsockname()[1]} (playground at /)",
+              file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level))
+        server.run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or an OSError that says in one line why not (port in use, bad address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        hint = " (another process is listening there: stop it or pick another --port)" \
+            if e.errno == errno.EADDRINUSE else ""
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(f"cannot listen on {host}:{port}: {why}{hint}") from None
 
 
 if __name__ == "__main__":

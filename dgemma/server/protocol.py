@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from ..sampling_params import SamplingParams
 
@@ -36,7 +36,36 @@ class RequestError(ValueError):
 
 # -- requests ----------------------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _integral(v: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema says), while 3.5, "3" and true are not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _only(schema: dict) -> WithJsonSchema:
+    """The published schema of a field declared to be refused by name: just the values dgemma accepts, or null."""
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}]})
+
+
+def Int(**bounds: int) -> Any:  # noqa: N802 - a type
+    """An int field (bounds as in Field: ge, le, lt) that also takes integral floats."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+INT32 = 2**31 - 1  # fields the engine keeps in int32 tensors
+TokenId = Seed = Int(ge=0, lt=2**63)
+Count = Int(ge=1, le=INT32)  # max_tokens, max_denoising_steps
+TopK = Int(ge=-1, le=INT32)
+Steps = Int(ge=0, le=INT32)  # stability_threshold
+AnyInt = Int()
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # streaming holds back tails of stop strings: keep that check cheap
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+_TOKEN = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+_TEXT_PARTS = {"type": "array", "items": {"type": "object", "properties": {"type": {"const": "text"},
+                                                                          "text": {"type": "string"}},
+                                          "required": ["type", "text"]}}
 
 
 class StreamOptions(_Strict):
@@ -51,30 +80,31 @@ class _Common(_Strict):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    max_tokens: Count | None = None
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # accepted, no effect: see the module docstring
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: TopK | None = None
     user: str | None = None
     # DiffusionGemma extras
-    max_denoising_steps: int | None = Field(None, ge=1)
+    max_denoising_steps: Count | None = None
     entropy_bound: float | None = Field(None, gt=0)
     t_min: float | None = Field(None, ge=0)
     t_max: float | None = Field(None, ge=0)
-    stability_threshold: int | None = Field(None, ge=0)
+    stability_threshold: Steps | None = None
     confidence_threshold: float | None = Field(None, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     dgemma: DgemmaOptions | None = None
-    # declared only to be refused by name (see `unsupported`)
-    n: int | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    response_format: dict[str, Any] | None = None
-    best_of: int | None = None
+    # declared only to be refused by name (see `unsupported`); the schema shows the values that are accepted
+    n: Annotated[AnyInt | None, _only({"const": 1})] = None
+    logit_bias: Annotated[dict[str, float] | None, _only({"type": "object", "maxProperties": 0})] = None
+    presence_penalty: Annotated[float | None, _only({"const": 0})] = None
+    frequency_penalty: Annotated[float | None, _only({"const": 0})] = None
+    response_format: Annotated[dict[str, Any] | None, _only({"type": "object", "properties": {
+        "type": {"const": "text"}}})] = None
+    best_of: Annotated[AnyInt | None, _only({"const": 1})] = None
 
     @property
     def drafts(self) -> bool:
@@ -86,30 +116,35 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool | None = None
-    suffix: str | None = None
-    logprobs: int | None = None
+    prompt: Annotated[str | list[TokenId] | list[str] | list[list[TokenId]], WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": _TOKEN, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "array", "items": _TOKEN, "minItems": 1}, "minItems": 1,
+         "maxItems": 1}]})]
+    echo: Annotated[bool | None, _only({"const": False})] = None
+    suffix: Annotated[str | None, _only({"type": "string", "maxLength": 0})] = None
+    logprobs: Annotated[AnyInt | None, WithJsonSchema({"type": "null"})] = None
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool"],
+                    WithJsonSchema({"enum": ["system", "developer", "user", "assistant"]})]
+    content: Annotated[str | list[dict[str, Any]] | None, _only({"anyOf": [{"type": "string"}, _TEXT_PARTS]})] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, _only({"type": "array", "maxItems": 0})] = None
+    tool_call_id: Annotated[str | None, _only({"type": "string", "maxLength": 0})] = None
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_completion_tokens: Count | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
+    logprobs: Annotated[bool | None, _only({"const": False})] = None
+    top_logprobs: Annotated[AnyInt | None, _only({"const": 0})] = None
+    tools: Annotated[list[dict[str, Any]] | None, _only({"type": "array", "maxItems": 0})] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _only({"const": "none"})] = None
+    functions: Annotated[list[dict[str, Any]] | None, _only({"type": "array", "maxItems": 0})] = None
+    function_call: Annotated[str | dict[str, Any] | None, WithJsonSchema({"type": "null"})] = None
     parallel_tool_calls: bool | None = None
 
     @property
