@@ -78,6 +78,17 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--model", help="checkpoint folder or Hugging Face Hub id (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_mode_flags(p)
+
+
+def add_mode_flags(p) -> None:
+    """The engine mode (docs/fast_step.md): exact (batch-invariant) or fast, and compiling the fast step."""
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="exact mode: a request's tokens never depend on its batch mates, token-identical to "
+                        "transformers (default on the CPU); --no-batch-invariant: the fast, sync-free step "
+                        "(default on other devices)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the fast step (CUDA graphs on CUDA; default: on for CUDA)")
 
 
 def chat_inputs(llm, prompt: str, image_paths: list[str]):
@@ -130,7 +141,8 @@ def generate_main(argv: list[str]) -> int:
 
     check_device(args.device)
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_invariant=args.batch_invariant,
+              compile=args.compile)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))

@@ -167,3 +167,22 @@ def test_serve_says_where_it_listens_and_serves(ckpt):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_engine_mode_flags_reach_the_engine(ckpt, capsys):
+    """`--no-batch-invariant` runs the fast step (the same tokens as the Python API in fast mode, which differ from
+    exact mode's: the two modes draw differently), `--batch-invariant` the exact one; `serve` takes both flags."""
+    from dgemma.llm import LLM
+    from dgemma.sampling_params import SamplingParams
+    from dgemma.server.cli import build_parser, config_from_args
+
+    sp = SamplingParams(max_new_tokens=32, seed=3, max_denoising_steps=4)
+    want = {bi: LLM(ckpt, batch_invariant=bi).generate("To be", sp)[0].token_ids for bi in (True, False)}
+    assert want[True] != want[False]
+    for flag, bi in (("--batch-invariant", True), ("--no-batch-invariant", False)):
+        assert main(["generate", "--model", str(ckpt), "To be", "--max-new-tokens", "32", "--seed", "3",
+                     "--max-denoising-steps", "4", "--json", flag]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == want[bi], flag
+    cfg = config_from_args(build_parser().parse_args(["--no-batch-invariant", "--compile"]))
+    assert cfg.batch_invariant is False and cfg.compile is True
+    assert config_from_args(build_parser().parse_args([])).batch_invariant is None

@@ -48,6 +48,8 @@ class ServerConfig:
     check_memory: bool = True
     log_level: str = "info"
     media: object = None  # [vision] server.media.MediaPolicy: where images may come from, limits; None = defaults
+    batch_invariant: bool | None = None  # engine mode (docs/fast_step.md); None: exact on the CPU, fast elsewhere
+    compile: bool | None = None  # torch.compile the fast step; None: on CUDA
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s"):

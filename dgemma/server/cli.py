@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import replace
 
-from ..cli import Parser, check_device
+from ..cli import Parser, add_mode_flags, check_device
 from . import ServerConfig
 
 log = logging.getLogger("dgemma.server")
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_mode_flags(p)
     add_media_flags(p)  # [vision]
     return p
 
@@ -106,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-        check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args))
+        check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args),
+        batch_invariant=args.batch_invariant, compile=args.compile)
 
 
 def media_policy(args: argparse.Namespace):
@@ -134,7 +136,8 @@ def build(config: ServerConfig):
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
-              max_denoising_steps=config.max_denoising_steps)
+              max_denoising_steps=config.max_denoising_steps, batch_invariant=config.batch_invariant,
+              compile=config.compile)
     # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
     llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)
     if config.diffusion_defaults:
