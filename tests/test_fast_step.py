@@ -98,3 +98,35 @@ def test_counter_draws_are_uniform_keyed_and_replayable():
     assert torch.equal(stream.select([0, 1, 3]).uniforms(16), second[[0, 1, 3]])
     u2, n2 = CounterDraws(keys, counters + 2).step_draws(16, 50)
     assert torch.equal(u2, stream.uniforms(16)) and torch.equal(n2, stream.renoise(16, 50))
+
+
+def test_precomputed_temperature_is_the_reference_schedule():
+    """RowParams.temperature (4 kernels from per-request parts) gives `temperature` (HF's rounding) bit for bit."""
+    from dgemma.sampler import RowParams, temperature
+    from dgemma.sampling_params import DenoiseSettings
+
+    settings = [DenoiseSettings(max_new_tokens=8, max_denoising_steps=n, entropy_bound=0.1, t_min=lo, t_max=hi,
+                                stability_threshold=1, confidence_threshold=0.01)
+                for n, lo, hi in ((48, 0.4, 0.8), (7, 0.1, 1.3), (1, 0.0, 0.3), (13, 0.33, 0.77))]
+    p = RowParams.from_settings(settings)
+    for left in range(1, 49):
+        n = torch.minimum(torch.full((4,), left, dtype=torch.int32), p.max_steps)
+        assert torch.equal(p.temperature(n), temperature(n, p.max_steps, p.t_min, p.t_max))
+
+
+def test_fast_mode_traces_every_step(models):
+    """With a trace, the read-back carries the accepted mask and mean entropy too, row by row."""
+    _, model = models
+    eng = engine(model)
+    out = eng.run([(PROMPTS[1], SamplingParams(max_new_tokens=2 * C, seed=9, trace=True, ignore_eos=True,
+                                               entropy_bound=0.1, **KNOBS)),
+                   (PROMPTS[0], params([4], 1)[0])])
+    traced, plain = out
+    assert len(traced.trace) == traced.decoder_forwards and not plain.trace
+    assert [t.step for t in traced.trace[:traced.steps_per_canvas[0]]] == list(range(1, traced.steps_per_canvas[0] + 1))
+    assert all(len(t.accepted) == C and any(t.accepted) and t.mean_entropy >= 0 for t in traced.trace)
+    last_of_first = traced.trace[traced.steps_per_canvas[0] - 1]
+    assert last_of_first.argmax == traced.token_ids[:C]
+    alone = engine(model).run([(PROMPTS[1], SamplingParams(max_new_tokens=2 * C, seed=9, ignore_eos=True,
+                                                           entropy_bound=0.1, **KNOBS))])[0]
+    assert alone.token_ids == traced.token_ids  # tracing changes nothing
