@@ -87,7 +87,8 @@ class MemoryPlan:
         rows = [f"  {name:<40} {b / GiB:10.3f} GiB" for name, b in self.parts]
         rows.append(f"  {'total (' + self.mode + ' mode)':<40} {self.total / GiB:10.3f} GiB")
         if self.available is not None:
-            rows.append(f"  {'available on ' + self.device + ' (x0.90)':<40} {HEADROOM * self.available / GiB:10.3f} GiB")
+            where = f"available on {self.device} (x{HEADROOM:.2f})"
+            rows.append(f"  {where:<40} {HEADROOM * self.available / GiB:10.3f} GiB")
         return "\n".join(rows)
 
 
