@@ -173,3 +173,42 @@ def test_serve_refuses_with_the_numbers_before_loading(ckpt, monkeypatch, capsys
     assert "exact mode" in err  # the CPU's engine mode
     assert "would fit" in err or "does not fit" in err
     assert loads == []  # refused before any weight was read
+
+
+def test_kv_usage_counts_committed_tokens(ckpt):
+    from dgemma.llm import LLM
+    from dgemma.sampling_params import SamplingParams
+
+    llm = LLM(ckpt, max_num_seqs=2, max_model_len=300)
+    eng, t = llm.engine, llm.engine.model.text
+    eng.add_request(list(range(3, 43)), SamplingParams(max_new_tokens=16, max_denoising_steps=2, seed=0))
+    eng.step()  # admitted, the 40-token prompt prefilled
+    assert eng.cache.host_lengths[0] == 40
+    hand = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 4 * (min(40, t.sliding_window - 1)
+                                                                     if t.is_sliding(i) else 40)
+               for i in range(t.num_hidden_layers))
+    assert memory.kv_usage(eng.cache) == (hand, eng.cache.nbytes())
+    while eng.has_work():
+        eng.step()
+    assert memory.kv_usage(eng.cache)[0] == 0  # the finished request's slot holds nothing
+
+
+def test_metrics_report_kv_cache_bytes(ckpt):
+    import time
+
+    import httpx
+
+    from dgemma.server import ServerConfig
+    from dgemma.server import cli as serve_cli
+    from dgemma.server.metrics import parse_text
+
+    llm, app = serve_cli.build(ServerConfig(model=str(ckpt), max_num_seqs=2, max_model_len=256))
+    with serve_cli.BackgroundServer(app) as srv:
+        deadline, values = time.monotonic() + 20, {}
+        while time.monotonic() < deadline:
+            values = parse_text(httpx.get(srv.url + "/metrics").text)
+            if 'dgemma_kv_cache_bytes{state="free"}' in values:
+                break
+            time.sleep(0.05)
+    assert values['dgemma_kv_cache_bytes{state="used"}'] == 0
+    assert values['dgemma_kv_cache_bytes{state="free"}'] == llm.engine.cache.nbytes() > 0
