@@ -127,12 +127,13 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         "fits": p.fits,
         "kv_cache_bytes_per_slot": p.kv_bytes_per_slot,
         "full_length_requests_fit": full_fit,
-        f"requests_{short_len // 1024}k": {
+        "requests_8k": {
+            "tokens": short_len,  # 8192, or --max-model-len if smaller
             "today": full_fit,
             "why": f"the KV cache is preallocated per slot: a slot costs --max-model-len {req.max_model_len} "
                    f"positions in the full layers whatever its request holds, so {short_len}-token requests fit "
                    "no better than full-length ones",
-            f"with_max_model_len_{short_len}": short_restart,
+            "if_served_with_max_model_len": {"max_model_len": short_len, "fit": short_restart},
             "paged_estimate": paged_estimate(cfg, req, make, short_len),
         },
     }
@@ -169,12 +170,10 @@ def render(plan: dict) -> str:
                  f"{plan['usable_bytes'] / GiB:10.3f} GiB")
     lines.append(f"fits: {'yes' if plan['fits'] else 'NO'}")
     lines.append(f"full-length ({plan['max_model_len']}-token) requests that fit: {plan['full_length_requests_fit']}")
-    key = next(k for k in plan if k.startswith("requests_"))
-    short, tag = plan[key], key.removeprefix("requests_")
-    restart = next(v for k, v in short.items() if k.startswith("with_max_model_len_"))
-    pe = short["paged_estimate"]
-    lines.append(f"{tag}-token requests that fit today: {short['today']} ({short['why']}); "
-                 f"{restart} with --max-model-len {int(tag[:-1]) * 1024}")
+    short = plan["requests_8k"]
+    restart, pe = short["if_served_with_max_model_len"], short["paged_estimate"]
+    lines.append(f"{short['tokens']}-token requests that fit today: {short['today']} ({short['why']}); "
+                 f"{restart['fit']} if served with --max-model-len {restart['max_model_len']}")
     lines.append(f"  {pe['label']}: {pe['beside_one_full_length_request']} beside one full-length request "
                  f"({pe['bytes_per_request'] / GiB:.3f} GiB each)")
     return "\n".join(lines)

@@ -104,8 +104,10 @@ def test_plan_cli_json_for_the_released_config(capsys):
     assert out["usable_bytes"] == int(0.9 * 80 * GiB)
     assert out["full_length_requests_fit"] == 1
     short = out["requests_8k"]
+    assert short["tokens"] == 8192
     assert short["today"] == out["full_length_requests_fit"] and "preallocated" in short["why"]
-    assert short["with_max_model_len_8192"] > short["today"]
+    assert short["if_served_with_max_model_len"]["max_model_len"] == 8192
+    assert short["if_served_with_max_model_len"]["fit"] > short["today"]
     est = short["paged_estimate"]
     assert est["label"].startswith("ESTIMATE") and est["beside_one_full_length_request"] >= 1
     assert est["beside_one_full_length_request"] * est["bytes_per_request"] <= est["spare_bytes"]

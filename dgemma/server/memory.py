@@ -14,7 +14,7 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
   here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst step is a prefill in which
   every slot encodes a `prefill_chunk` of new tokens against a prefix that fills its cache:
   * fast mode (`EncodeSegment` without batch invariance): all rows at once; per row and layer, a gathered copy of
-    the cached prefix, the concatenation with the new keys, the grouped-KV expansion to every query head
+    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion to every query head
     (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2: the alignment pad);
   * exact mode: the same copies for one row at a time (each row attends alone);
   * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward.
@@ -163,7 +163,8 @@ def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, ele
     for sliding, hkv, d in _layer_kinds(t):
         keys = min(max_model_len, t.sliding_window - 1 + new) if sliding else max_model_len  # cached + new
         rep = t.num_attention_heads // hkv
-        copies = (keys - new + keys) * hkv * d * elem * 2  # gathered prefix + concatenation, K and V
+        gathered = keys - new if rows > 1 and not batch_invariant else 0  # one slot's prefix is gathered as a view
+        copies = (gathered + keys) * hkv * d * elem * 2  # gathered prefix + concatenation, K and V
         expand = keys * t.num_attention_heads * d * elem * 2 if rep > 1 else 0  # repeat_interleave to every head
         bias = new * keys * elem * 2  # SDPA's additive mask from the boolean one, and its aligned copy
         row = copies + expand + bias
@@ -262,8 +263,9 @@ def largest_fitting(make_plan, upper: int) -> int:
 def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
     """(batch_invariant, cuda_graphs) the engine will use: exact on the CPU and fast elsewhere unless told, and the
     fast step captured as CUDA graphs on CUDA (EngineConfig's defaults)."""
-    cuda = str(device).startswith("cuda")
-    bi = (not cuda and str(device) == "cpu") if batch_invariant is None else batch_invariant
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    bi = kind == "cpu" if batch_invariant is None else batch_invariant
     return bi, (cuda and not bi)
 
 
