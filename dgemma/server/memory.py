@@ -29,7 +29,10 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
   intermediates from a private pool that eager prefills cannot reuse; all (batch, key-length) graphs share one pool
   (torch.compile's CUDA-graph trees), sized by the largest step: one decode forward's activations and the logits
   slab. An estimate, not a measurement.
-- the slot-indexed denoising state and the queued prompts (Python lists, bounded by the waiting queue).
+- **vision tower** (checkpoints with one): its weights, and one tower call's temporaries, which are freed before the
+  text forward of the same step: only the larger of the two transients counts (a negative "reuse" entry).
+- the slot-indexed denoising state, and the queued prompts (Python lists bounded by the waiting queue: host memory,
+  counted only when the model runs on the CPU).
 
 Terms that depend on kernels (workspace, activations, graph pool) are upper-bound estimates; weights, KV cache and
 denoising state are exact to the byte.
