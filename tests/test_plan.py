@@ -214,3 +214,16 @@ def test_metrics_report_kv_cache_bytes(ckpt):
             time.sleep(0.05)
     assert values['dgemma_kv_cache_bytes{state="used"}'] == 0
     assert values['dgemma_kv_cache_bytes{state="free"}'] == llm.engine.cache.nbytes() > 0
+
+
+def test_serve_and_plan_make_the_same_plan(ckpt, capsys):
+    served = memory.check_checkpoint(ckpt, dtype="float32", device="cuda", max_num_seqs=2, max_model_len=512,
+                                     canvas_length=None, max_waiting=64, available=GiB)
+    assert (served.mode, served.fits) == ("fast", True)
+    assert dgemma_main(["plan", str(ckpt), "--max-model-len", "512", "--max-num-seqs", "2", "--gpu-memory-gib", "1",
+                        "--dtype", "float32", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(c["name"], c["bytes"]) for c in printed["components"]] == list(served.parts)
+    exact = memory.check_checkpoint(ckpt, dtype="float32", device="cpu", max_num_seqs=2, max_model_len=512,
+                                    canvas_length=None, max_waiting=64, available=GiB)
+    assert exact.mode == "exact" and "queued and running prompts" in dict(exact.parts)
