@@ -17,7 +17,9 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
     the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion to every query head
     (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2: the alignment pad);
   * exact mode: the same copies for one row at a time (each row attends alone);
-  * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward.
+  * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward;
+  * on the CPU, SDPA's flash kernel copies the expanded K and V once more (measured; CUDA's memory-efficient kernel
+    reads them through strides, not measured here).
   The fast decode step itself reads K/V in place (`CanvasSegment`): its workspace is the folded queries only.
 - **activations of one forward**: every slot's chunk (or canvas) at once; an fp32 upper bound per token of the
   residual stream, norms, projections, dense MLP, router and the MoE's grouped-GEMM intermediates (k rows per
@@ -34,8 +36,9 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
 - the slot-indexed denoising state, and the queued prompts (Python lists bounded by the waiting queue: host memory,
   counted only when the model runs on the CPU).
 
-Terms that depend on kernels (workspace, activations, graph pool) are upper-bound estimates; weights, KV cache and
-denoising state are exact to the byte.
+Weights, KV cache and denoising state are exact to the byte. Terms that depend on kernels are estimates: on the CPU
+the attention workspace plus activations came within 3% of the measured peak of an encode forward (1 and 2 rows,
+exact and fast, 8k to 32k keys; docs/serving.md); the CUDA terms and the graph pool are not measured here.
 """
 
 from __future__ import annotations
@@ -159,9 +162,11 @@ def _layer_kinds(t: TextConfig) -> list[tuple[bool, int, int]]:
     return sorted({(t.is_sliding(i), t.layer_kv_heads(i), t.layer_head_dim(i)) for i in range(t.num_hidden_layers)})
 
 
-def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, elem: int, batch_invariant: bool) -> int:
+def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, elem: int, batch_invariant: bool,
+                     cpu: bool = False) -> int:
     """Transient bytes of the attention of the worst encode forward (module doc): `rows` rows each encoding `new`
-    tokens whose keys fill the cache; one row at a time in exact mode, all at once in fast mode."""
+    tokens whose keys fill the cache; one row at a time in exact mode, all at once in fast mode. `cpu`: the CPU's
+    flash kernel also copies its expanded K and V (measured: docs/serving.md, "Memory")."""
     per_layer, masks = 0, 0
     for sliding, hkv, d in _layer_kinds(t):
         keys = min(max_model_len, t.sliding_window - 1 + new) if sliding else max_model_len  # cached + new
@@ -169,6 +174,7 @@ def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, ele
         gathered = keys - new if rows > 1 and not batch_invariant else 0  # one slot's prefix is gathered as a view
         copies = (gathered + keys) * hkv * d * elem * 2  # gathered prefix + concatenation, K and V
         expand = keys * t.num_attention_heads * d * elem * 2 if rep > 1 else 0  # repeat_interleave to every head
+        expand *= 2 if cpu else 1
         bias = new * keys * elem * 2  # SDPA's additive mask from the boolean one, and its aligned copy
         row = copies + expand + bias
         per_layer = max(per_layer, row * (1 if batch_invariant else rows))
@@ -198,7 +204,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     rows_per_slab = min(S, max(1, logits_budget_bytes // engine_row_bytes))
     slab = rows_per_slab * C * V * SAMPLER_BYTES_PER_ELEMENT
     kv_slot = KVCache.bytes_needed(t, 1, max_model_len, dtype, scratch=C)
-    workspace = encode_workspace(t, S, new, max_model_len, elem, batch_invariant)
+    workspace = encode_workspace(t, S, new, max_model_len, elem, batch_invariant, torch.device(device).type == "cpu")
     if not batch_invariant and not cuda_graphs:  # the eager fast decode runs in its own forward
         workspace = max(workspace, decode_workspace(t, S, max_model_len, C, elem))
     full, sliding = kv_bytes_per_position(t, elem)
