@@ -37,8 +37,8 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
   counted only when the model runs on the CPU).
 
 Weights, KV cache and denoising state are exact to the byte. Terms that depend on kernels are estimates: on the CPU
-the attention workspace plus activations came within 3% of the measured peak of an encode forward (1 and 2 rows,
-exact and fast, 8k to 32k keys; docs/serving.md); the CUDA terms and the graph pool are not measured here.
+the attention workspace plus activations came within 4% of the measured peak of an encode forward (1 and 2 rows,
+exact and fast, 8k to 32k keys; benchmarks/plan_memory.py); the CUDA terms and the graph pool are not measured here.
 """
 
 from __future__ import annotations
