@@ -14,8 +14,9 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
   here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst step is a prefill in which
   every slot encodes a `prefill_chunk` of new tokens against a prefix that fills its cache:
   * fast mode (`EncodeSegment` without batch invariance): all rows at once; per row and layer, a gathered copy of
-    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion to every query head
-    (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2: the alignment pad);
+    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion
+    to every query head (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2:
+    the alignment pad);
   * exact mode: the same copies for one row at a time (each row attends alone);
   * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward;
   * on the CPU, SDPA's flash kernel copies the expanded K and V once more (measured; CUDA's memory-efficient kernel
