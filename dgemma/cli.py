@@ -3,6 +3,7 @@
     dgemma generate "To be, or not to be"                  # embedded default model, live canvas view
     dgemma generate --model google/diffusiongemma-26B-A4B-it --chat "Hello" --json
     dgemma serve [MODEL] --port 8000
+    dgemma plan google/diffusiongemma-26B-A4B-it --max-model-len 262144 --gpu-memory-gib 80 --json
     dgemma train --config cfg.json --data text:corpus.txt --tokenizer DIR --out runs/x
     dgemma sudoku solve 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
 
@@ -21,6 +22,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "generate": ("generate text by block diffusion", "dgemma.cli", "generate_main"),
     "serve": ("serve an OpenAI-compatible API", "dgemma.server.cli", "main"),
+    "plan": ("print the serving memory plan of a model (no weights loaded)", "dgemma.plan", "main"),
     "train": ("train or fine-tune a block-diffusion model", "dgemma.train.cli", "main"),
     "sudoku": ("train, evaluate and run the Sudoku solver", "dgemma.sudoku.cli", "main"),
 }

@@ -21,6 +21,7 @@ import time
 from ..engine import Engine
 from ..outputs import StreamEvent
 from ..sampling_params import SamplingParams
+from .memory import kv_usage
 from .metrics import ServerMetrics
 
 log = logging.getLogger("dgemma.server")
@@ -205,3 +206,6 @@ class AsyncEngine:
         with self.metrics.lock:
             self.metrics.queue_depth.set(len(self.engine.waiting))
             self.metrics.running.set(self.engine.num_running)
+            used, allocated = kv_usage(self.engine.cache)
+            self.metrics.kv_cache.set(used, state="used")
+            self.metrics.kv_cache.set(allocated - used, state="free")

@@ -1,22 +1,52 @@
-"""The start-up memory plan: what `dgemma serve` will hold at most, checked against what the device has.
+"""The memory plan: what the engine will hold at most, counted from config.json alone, against what the device has.
 
-Everything the engine keeps is allocated up front or bounded by construction: the weights, the KV cache (one slot
-of `max_model_len` positions per concurrent request), the slot-indexed denoising state, the logits slab (the engine
-samples [rows, canvas, vocab] fp32 in row chunks bounded by `logits_budget_bytes`), one forward's activations (at
-most `max_num_seqs` rows of max(canvas, prefill chunk) tokens) and the queued prompts (the waiting queue is bounded).
-So if the plan fits at start-up, no request can run the process out of memory later. The plan is computed from
-config.json and the safetensors header only, before any weight is read, so a configuration that cannot fit is
-refused in a second with the breakdown and the largest `--max-num-seqs` that would fit.
+`dgemma serve` refuses a configuration whose plan does not fit, before any weight is read, with the breakdown and
+the largest `--max-num-seqs` that would fit; `dgemma plan` (dgemma/plan.py) prints the same plan without a device.
+Everything the engine keeps is allocated up front or bounded by construction, so a plan that fits at start-up
+cannot run out of memory later. What is counted, per engine mode (docs/serving.md, "Memory"):
 
-Activation and attention terms are upper-bound estimates (fp32 temporaries, the math attention path that
-materialises scores); the rest is exact to the byte.
+- **weights**: every parameter and buffer of the text model (counted on the meta device) at the serving dtype, plus
+  the vision tower's when the checkpoint has one. The fused q/k/v and gate/up matrices of the fast path are views.
+- **KV cache**, exactly as `KVCache` allocates it today: per slot, full-attention layers keep `max_model_len`
+  positions, sliding layers only `sliding_window - 1`, and every layer a scratch tail of `canvas_length` positions
+  (the fast decode's canvas K/V). A slot costs this whatever its request holds: the cache is not paged.
+- **attention workspace**, the transient buffers of the attention the mode runs (SDPA never materialises scores
+  here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst step is a prefill in which
+  every slot encodes a `prefill_chunk` of new tokens against a prefix that fills its cache:
+  * fast mode (`EncodeSegment` without batch invariance): all rows at once; per row and layer, a gathered copy of
+    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion
+    to every query head (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2:
+    the alignment pad);
+  * exact mode: the same copies for one row at a time (each row attends alone);
+  * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward;
+  * on the CPU, SDPA's flash kernel copies the expanded K and V once more (measured; CUDA's memory-efficient kernel
+    reads them through strides, not measured here).
+  The fast decode step itself reads K/V in place (`CanvasSegment`): its workspace is the folded queries only.
+- **activations of one forward**: every slot's chunk (or canvas) at once; an fp32 upper bound per token of the
+  residual stream, norms, projections, dense MLP, router and the MoE's grouped-GEMM intermediates (k rows per
+  token).
+- **logits slab**: `[rows, canvas, vocab]` fp32 logits in slabs of the rows `logits_budget_bytes` admits (at
+  least one), with the sampler's temporaries: the bf16 product, the tempered logits, the probabilities, the
+  self-conditioning probabilities, and the top-k/top-p filter's sort (values and indices) and masks.
+- **CUDA-graph pool** (fast mode with CUDA graphs, the CUDA default): the captured decode step allocates its
+  intermediates from a private pool that eager prefills cannot reuse; all (batch, key-length) graphs share one pool
+  (torch.compile's CUDA-graph trees), sized by the largest step: one decode forward's activations and the logits
+  slab. An estimate, not a measurement.
+- **vision tower** (checkpoints with one): its weights, and one tower call's temporaries, which are freed before the
+  text forward of the same step: only the larger of the two transients counts (a negative "reuse" entry).
+- the slot-indexed denoising state, and the queued prompts (Python lists bounded by the waiting queue: host memory,
+  counted only when the model runs on the CPU).
+
+Weights, KV cache and denoising state are exact to the byte. Terms that depend on kernels are estimates: on the CPU
+the attention workspace plus activations came within 4% of the measured peak of an encode forward (1 and 2 rows,
+exact and fast, 8k to 32k keys; benchmarks/plan_memory.py); the CUDA terms and the graph pool are not measured here.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +57,10 @@ from ..kv_cache import KVCache
 GiB = 2**30
 HEADROOM = 0.90  # plan against 90% of what is available: the allocator, Python objects and the OS need the rest
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# Bytes per [canvas position x vocabulary] element that sampling one logits slab holds at its peak: fp32 logits (4),
+# the bf16 head product before the cast (2), tempered logits (4), probabilities (4), self-conditioning probabilities
+# (2), and the top-k/top-p filter: sorted values (4), their order (8), softmax and cumsum (4 + 4), two masks (1 + 1).
+SAMPLER_BYTES_PER_ELEMENT = 4 + 2 + 4 + 4 + 2 + 4 + 8 + 4 + 4 + 1 + 1
 
 
 class MemoryPlanError(RuntimeError):
@@ -40,20 +74,28 @@ class MemoryPlan:
     device: str
     max_num_seqs: int
     max_model_len: int
+    notes: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (what, how it is counted)
+    mode: str = "exact"  # "exact" (batch-invariant) or "fast"
+    kv_bytes_per_slot: int = 0
 
     @property
     def total(self) -> int:
         return sum(b for _, b in self.parts)
 
     @property
+    def usable(self) -> int | None:
+        return None if self.available is None else int(HEADROOM * self.available)
+
+    @property
     def fits(self) -> bool:
         return self.available is None or self.total <= HEADROOM * self.available
 
     def describe(self) -> str:
-        rows = [f"  {name:<34} {b / GiB:10.3f} GiB" for name, b in self.parts]
-        rows.append(f"  {'total':<34} {self.total / GiB:10.3f} GiB")
+        rows = [f"  {name:<40} {b / GiB:10.3f} GiB" for name, b in self.parts]
+        rows.append(f"  {'total (' + self.mode + ' mode)':<40} {self.total / GiB:10.3f} GiB")
         if self.available is not None:
-            rows.append(f"  {'available on ' + self.device + ' (x0.90)':<34} {HEADROOM * self.available / GiB:10.3f} GiB")
+            where = f"available on {self.device} (x{HEADROOM:.2f})"
+            rows.append(f"  {where:<40} {HEADROOM * self.available / GiB:10.3f} GiB")
         return "\n".join(rows)
 
 
@@ -93,43 +135,127 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
-def _activation_bytes(t: TextConfig, rows: int, tokens_per_row: int, kv_len: int, batch_invariant: bool) -> int:
-    # Per token of one forward, in fp32 (the model upcasts norms and softmax): residual stream and norms, q/k/v/o
-    # projections, dense MLP, routed experts and router scores. Generous factors: an estimate must not undercount.
+def kv_bytes_per_position(t: TextConfig, elem: int) -> tuple[int, int]:
+    """(full layers, sliding layers): K and V bytes one cached position costs, summed over the layers of a kind."""
+    full = sliding = 0
+    for i in range(t.num_hidden_layers):
+        b = 2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * elem
+        if t.is_sliding(i):
+            sliding += b
+        else:
+            full += b
+    return full, sliding
+
+
+def _activation_bytes(t: TextConfig, tokens: int) -> int:
+    # Per token of one forward, fp32 upper bound (the model upcasts norms, router and softmax): residual stream and
+    # norms, q/k/v/o projections (the widest head geometry), dense MLP, router scores, and the MoE's grouped-GEMM
+    # intermediates for the k rows of each token (gathered input, gate/up, activation, fp32 down output).
     hd = max(t.head_dim, t.global_head_dim)
-    per_token = 4 * (8 * t.hidden_size + 3 * t.intermediate_size + 3 * t.top_k_experts * t.moe_intermediate_size
-                     + 2 * t.num_experts + 4 * t.num_attention_heads * hd)
-    tokens = rows * tokens_per_row
-    # Attention scores for the longest query against the whole cache (math path): one row at a time when the
-    # engine runs batch-invariant attention, every row at once otherwise; plus the grouped-KV expansion.
-    att_rows = 1 if batch_invariant else rows
-    scores = att_rows * t.num_attention_heads * tokens_per_row * kv_len * 4 * 3
-    kv_expand = att_rows * t.num_attention_heads * kv_len * hd * 4 * 2
-    return tokens * per_token + scores + kv_expand
+    k = t.top_k_experts
+    per_token = 4 * (8 * t.hidden_size + 3 * t.intermediate_size + 2 * t.num_experts + 4 * t.num_attention_heads * hd
+                     + k * (2 * t.hidden_size + 3 * t.moe_intermediate_size))
+    return tokens * per_token
+
+
+def _layer_kinds(t: TextConfig) -> list[tuple[bool, int, int]]:
+    """(sliding, kv heads, head dim) of each distinct layer geometry."""
+    return sorted({(t.is_sliding(i), t.layer_kv_heads(i), t.layer_head_dim(i)) for i in range(t.num_hidden_layers)})
+
+
+def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, elem: int, batch_invariant: bool,
+                     cpu: bool = False) -> int:
+    """Transient bytes of the attention of the worst encode forward (module doc): `rows` rows each encoding `new`
+    tokens whose keys fill the cache; one row at a time in exact mode, all at once in fast mode. `cpu`: the CPU's
+    flash kernel also copies its expanded K and V (measured: docs/serving.md, "Memory")."""
+    per_layer, masks = 0, 0
+    for sliding, hkv, d in _layer_kinds(t):
+        keys = min(max_model_len, t.sliding_window - 1 + new) if sliding else max_model_len  # cached + new
+        rep = t.num_attention_heads // hkv
+        gathered = keys - new if rows > 1 and not batch_invariant else 0  # one slot's prefix is gathered as a view
+        copies = (gathered + keys) * hkv * d * elem * 2  # gathered prefix + concatenation, K and V
+        expand = keys * t.num_attention_heads * d * elem * 2 if rep > 1 else 0  # repeat_interleave to every head
+        expand *= 2 if cpu else 1
+        bias = new * keys * elem * 2  # SDPA's additive mask from the boolean one, and its aligned copy
+        row = copies + expand + bias
+        per_layer = max(per_layer, row * (1 if batch_invariant else rows))
+        masks += rows * new * keys  # boolean [rows, new, keys], one per layer kind, for the whole forward
+    return per_layer + masks
+
+
+def decode_workspace(t: TextConfig, rows: int, max_model_len: int, canvas: int, elem: int) -> int:
+    """Transient bytes of the fast decode's attention (`CanvasSegment`): keys are read in place, so only the folded
+    queries, the output and the [rows, 1, 1, keys] mask."""
+    hd = max(t.head_dim, t.global_head_dim)
+    return rows * canvas * t.num_attention_heads * hd * elem * 2 + rows * (max_model_len + canvas) * elem
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_seqs: int, max_model_len: int,
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
-         batch_invariant: bool = True, params: int | None = None, available: int | None = -1,
-         extra: tuple[tuple[str, int], ...] = ()) -> MemoryPlan:
-    """The plan for one configuration. `available=-1` asks the device; pass a number to plan against it."""
+         batch_invariant: bool = True, cuda_graphs: bool = False, params: int | None = None,
+         available: int | None = -1, extra: tuple[tuple[str, int], ...] = ()) -> MemoryPlan:
+    """The plan for one configuration (module doc). `available=-1` asks the device; pass a number to plan against
+    it. `batch_invariant` picks the engine mode (exact: True, fast: False); `cuda_graphs`: the fast step is
+    captured (fast mode on CUDA by default)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(cfg) if params is None else params
-    row_bytes = C * V * 4 * 3  # logits + two sampler temporaries per canvas row (as the engine budgets it)
-    rows_per_slab = min(S, max(1, logits_budget_bytes // row_bytes))
-    chunk = min(prefill_chunk, max_model_len)
-    parts = (
+    new = min(max(prefill_chunk, C), max_model_len)  # tokens a row encodes in one forward: a chunk or a canvas
+    engine_row_bytes = C * V * 4 * 3  # what the engine divides its logits budget by (engine.py)
+    rows_per_slab = min(S, max(1, logits_budget_bytes // engine_row_bytes))
+    slab = rows_per_slab * C * V * SAMPLER_BYTES_PER_ELEMENT
+    kv_slot = KVCache.bytes_needed(t, 1, max_model_len, dtype, scratch=C)
+    workspace = encode_workspace(t, S, new, max_model_len, elem, batch_invariant, torch.device(device).type == "cpu")
+    if not batch_invariant and not cuda_graphs:  # the eager fast decode runs in its own forward
+        workspace = max(workspace, decode_workspace(t, S, max_model_len, C, elem))
+    full, sliding = kv_bytes_per_position(t, elem)
+    parts = [
         ("weights", params * elem),
-        ("KV cache", KVCache.bytes_needed(t, S, max_model_len, dtype)),
-        ("denoising state (canvas, self-cond.)", S * C * (8 + 8 + t.hidden_size * elem) + S * 8),
-        ("logits slab", rows_per_slab * row_bytes),
-        ("activations of one forward", _activation_bytes(t, S, max(C, chunk), max_model_len + C, batch_invariant)),
-        ("queued and running prompts", (S + max_waiting) * max_model_len * 36),  # Python int lists, worst case
-    ) + tuple(extra)  # [vision] the image tower's weights and activations (vision_parts)
+        ("KV cache", kv_slot * S),
+        ("attention workspace", workspace),
+        ("activations of one forward", _activation_bytes(t, S * new)),
+    ]
+    notes = [
+        ("weights", f"{params:,} parameters and buffers x {elem} bytes"),
+        ("KV cache", f"{S} slot(s) x {kv_slot:,} B: full layers {max_model_len} + {C} scratch positions x {full:,} B,"
+                     f" sliding layers {min(max_model_len, t.sliding_window - 1)} + {C} x {sliding:,} B; "
+                     "preallocated per slot whatever the request holds"),
+        ("attention workspace", ("exact mode: one row at a time" if batch_invariant else "fast mode: every row at once")
+         + f", {S} row(s) x {new} new tokens against {max_model_len} keys (prefix copies, grouped-KV expansion, "
+           "masks); SDPA tiles, no scores materialised"),
+        ("activations of one forward", f"{S} row(s) x {new} tokens, fp32 upper bound incl. MoE grouped-GEMM "
+                                       "intermediates"),
+        ("logits slab (sampler)", f"{rows_per_slab} row(s) x {C} x {V} x {SAMPLER_BYTES_PER_ELEMENT} B "
+                                  "(fp32 logits and the sampler's temporaries, top-k/top-p included)"),
+    ]
+    if cuda_graphs and not batch_invariant:  # the decode step and its sampler run from the graphs' private pool
+        pool = _activation_bytes(t, S * C) + decode_workspace(t, S, max_model_len, C, elem) + slab
+        parts.append(("CUDA-graph pool (estimate)", pool))
+        notes.append(("CUDA-graph pool (estimate)", "one captured decode step (its activations for every slot's "
+                                                    "canvas, folded queries, and the logits slab below), shared by "
+                                                    "every captured shape"))
+    else:
+        parts.append(("logits slab (sampler)", slab))
+    parts.append(("denoising state (canvas, self-cond.)", S * C * (8 + 8 + t.hidden_size * elem) + S * 8))
+    if str(device) == "cpu":  # host memory: it shares the budget only when the model runs on the CPU
+        parts.append(("queued and running prompts", (S + max_waiting) * max_model_len * 36))  # Python int lists
+    notes.append(("denoising state (canvas, self-cond.)", "per slot: canvas, previous argmax, self-conditioning "
+                                                          "embeddings, counters"))
+    if extra:
+        notes += [("vision tower weights", "the image tower and its embedder at the serving dtype"),
+                  ("vision tower activations", "one tower call: IMAGES_PER_CALL images at the soft-token budget "
+                                               "(fp32 bound) and one image's scores on the math path")]
+    parts += list(extra)  # [vision] the image tower's weights and activations (vision_parts)
+    vision_act = dict(extra).get("vision tower activations", 0)
+    if vision_act:  # the tower runs before its step's text forward and frees its temporaries first
+        forward = workspace + _activation_bytes(t, S * new)
+        parts.append(("vision temporaries reuse the forward's", -min(vision_act, forward)))
+        notes.append(("vision temporaries reuse the forward's", "the tower's temporaries and the text forward's "
+                                                                "are never alive together: only the larger counts"))
     if available == -1:
         available = available_bytes(device)
-    return MemoryPlan(parts, available, str(device), S, max_model_len)
+    return MemoryPlan(tuple(parts), available, str(device), S, max_model_len, tuple(notes),
+                      "exact" if batch_invariant else "fast", kv_slot)
 
 
 def largest_fitting(make_plan, upper: int) -> int:
@@ -144,8 +270,18 @@ def largest_fitting(make_plan, upper: int) -> int:
     return lo
 
 
+def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
+    """(batch_invariant, cuda_graphs) the engine will use: exact on the CPU and fast elsewhere unless told, and the
+    fast step captured as CUDA graphs on CUDA (EngineConfig's defaults)."""
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    bi = kind == "cpu" if batch_invariant is None else batch_invariant
+    return bi, (cuda and not bi)
+
+
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
-                     canvas_length: int | None, max_waiting: int) -> MemoryPlan:
+                     canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
+                     available: int | None = -1) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit."""
     from ..checkpoint import parse_dtype
 
@@ -155,36 +291,70 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     want = parse_dtype(dtype) or checkpoint_dtype(Path(path))
     max_len = max_model_len or min(cfg.text.max_position_embeddings, 8192)  # LLM's default
     params = count_parameters(cfg)
-    available = available_bytes(device)
+    if available == -1:
+        available = available_bytes(device)
     extra = vision_parts(Path(path), cfg, want)  # [vision]
+    bi, graphs = engine_mode(device, batch_invariant)
 
     def make(s: int) -> MemoryPlan:
-        return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len,
-                    max_waiting=max_waiting, params=params, available=available, extra=extra)
+        return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len, max_waiting=max_waiting,
+                    params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs)
 
     p = make(max_num_seqs)
     if not p.fits:
-        best = largest_fitting(make, max_num_seqs)
-        hint = (f"--max-num-seqs {best} would fit with --max-model-len {max_len}" if best else
-                f"even one sequence of {max_len} tokens does not fit: lower --max-model-len or use a smaller dtype")
-        raise MemoryPlanError(
-            f"not enough memory for --max-num-seqs {max_num_seqs} --max-model-len {max_len} "
-            f"(canvas {cfg.canvas_length}, vocabulary {cfg.text.vocab_size}, {want}):\n{p.describe()}\n{hint}")
+        raise MemoryPlanError(refusal(p, make, cfg, want))
     return p
+
+
+def refusal(p: MemoryPlan, make, cfg: ModelConfig, dtype: torch.dtype) -> str:
+    """The message of a plan that does not fit: the breakdown, and what would fit."""
+    best = largest_fitting(make, p.max_num_seqs)
+    hint = (f"--max-num-seqs {best} would fit with --max-model-len {p.max_model_len}" if best else
+            f"even one sequence of {p.max_model_len} tokens does not fit: lower --max-model-len or use a smaller dtype")
+    return (f"not enough memory for --max-num-seqs {p.max_num_seqs} --max-model-len {p.max_model_len} "
+            f"(canvas {cfg.canvas_length}, vocabulary {cfg.text.vocab_size}, {dtype}, {p.mode} mode): needs "
+            f"{p.total / GiB:.2f} GiB, {p.usable / GiB:.2f} GiB usable\n{p.describe()}\n{hint}")
 
 
 def vision_parts(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
     """[vision] Plan entries for a checkpoint with a vision tower: its weights, and one tower call's activations
     (IMAGES_PER_CALL images at the soft-token budget, plus one image's attention scores on the math path)."""
     from ..checkpoint import _vision_for, weight_files
-    from ..vision import cost
-    from ..vision_prompt import IMAGES_PER_CALL
 
     with torch.device("meta"):
         vision = _vision_for(cfg, weight_files(path))
     if vision is None:
         return ()
+    return _vision_entries(vision, dtype)
+
+
+def vision_parts_from_config(cfg: ModelConfig, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    """[vision] The same entries for a config.json alone (no weights to look at): a tower is counted when the
+    config declares one."""
+    from ..vision import Vision, VisionConfig
+
+    if not isinstance(cfg.raw.get("vision_config"), dict):
+        return ()
+    with torch.device("meta"):
+        vision = Vision(VisionConfig.from_model_dict(cfg.raw, cfg.text.hidden_size, cfg.source))
+    return _vision_entries(vision, dtype)
+
+
+def _vision_entries(vision, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    from ..vision import cost
+    from ..vision_prompt import IMAGES_PER_CALL
+
     elem = torch.empty((), dtype=dtype).element_size()
     c = cost(vision.cfg, vision.cfg.soft_tokens_per_image, elem)
     return (("vision tower weights", sum(t.numel() for t in vision.state_dict().values()) * elem),
             ("vision tower activations", IMAGES_PER_CALL * c.activation_bytes + c.attention_bytes))
+
+
+def kv_usage(cache: KVCache) -> tuple[int, int]:
+    """(bytes holding committed tokens, bytes allocated) of a live cache: each slot's kept positions (full layers
+    its length, sliding layers at most the window) at their per-layer cost. Host lengths only: no device sync."""
+    used = 0
+    for layer, size in enumerate(cache.kept_size):
+        per = cache.k[layer][0, 0].numel() * cache.k[layer].element_size() * 2
+        used += per * sum(min(n, size) for n in cache.host_lengths)
+    return used, cache.nbytes()

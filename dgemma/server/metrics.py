@@ -111,6 +111,9 @@ class ServerMetrics:
         self.running = g("dgemma_running_canvases", "Requests holding a slot (prefilling or denoising a canvas).")
         self.in_flight = g("dgemma_requests_in_flight", "Requests accepted and not yet ended.")
         self.max_num_seqs = g("dgemma_max_num_seqs", "Slots (concurrent requests the engine runs).")
+        self.kv_cache = g("dgemma_kv_cache_bytes", "KV cache bytes: used (committed tokens of the slots in use, "
+                          "sliding layers at most their window) and free (the rest of what is allocated; the cache "
+                          "is preallocated per slot, so a busy slot's free bytes serve no other request).")
         self.max_waiting = g("dgemma_max_waiting", "Bound of the waiting queue.")
         self.steps_per_canvas = h("dgemma_denoising_steps_per_canvas", "Denoising steps each committed canvas took.",
                                   STEP_BUCKETS)

@@ -1,0 +1,227 @@
+"""`dgemma plan MODEL_OR_CONFIG ...`: the serving memory plan of a model, from its config.json alone, no weights read.
+
+    dgemma plan google/diffusiongemma-26B-A4B-it --max-model-len 262144 --gpu-memory-gib 80 --json
+    dgemma plan ./my-checkpoint --max-num-seqs 16 --max-model-len 8192 --gpu-memory-gib 24 --batch-invariant
+
+MODEL_OR_CONFIG is a config.json, a checkpoint folder, a Hub id whose config.json is in the local Hugging Face
+cache (never downloaded), or the name of a config shipped in `dgemma/assets/configs/` (the released
+`google/diffusiongemma-26B-A4B-it`). The plan is `dgemma.server.memory.plan`, the one `dgemma serve` checks at
+start-up: the component table, whether `--max-num-seqs` slots fit, how many full-length requests fit, and how many
+8k-token requests fit. Exit status: 0 if the configuration fits, 1 if not, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import Parser
+from .config import ConfigError, ModelConfig
+from .server import memory
+from .server.memory import GiB, HEADROOM
+
+ASSET_CONFIGS = Path(__file__).parent / "assets" / "configs"
+SHORT_REQUEST = 8192  # tokens of the "short request" the plan reports beside full-length ones
+_FIT_LIMIT = 1 << 16  # the largest slot count searched
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    config: ModelConfig
+    where: str  # the config.json the plan was made from
+    checkpoint: Path | None  # its folder when it holds weights (the vision tower is then looked up there)
+
+
+def find_config(model: str) -> PlanTarget:
+    """A config.json path, a checkpoint folder, a cached Hub id, or a shipped config name (module doc)."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        return PlanTarget(ModelConfig.from_file(p), str(p), None)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{p}: no config.json in this folder")
+        weights = any(p.glob("*.safetensors"))
+        return PlanTarget(ModelConfig.from_file(p / "config.json"), str(p / "config.json"), p if weights else None)
+    cached = _hub_cache(model)
+    if cached is not None:
+        return PlanTarget(ModelConfig.from_file(cached), str(cached), None)
+    asset = ASSET_CONFIGS / model.split("/")[-1] / "config.json"
+    if "/" not in model.strip("/") or model.startswith("google/"):
+        if asset.is_file():
+            return PlanTarget(ModelConfig.from_file(asset), str(asset), None)
+    shipped = sorted(d.name for d in ASSET_CONFIGS.iterdir() if (d / "config.json").is_file())
+    raise ConfigError(f"{model}: not a file or folder, not in the local Hugging Face cache, and not a shipped config "
+                      f"(shipped: {', '.join('google/' + s for s in shipped)})")
+
+
+def _hub_cache(model: str) -> Path | None:
+    """config.json of a Hub id from the local cache only (nothing is downloaded)."""
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(model, "config.json")
+    except Exception:
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    max_model_len: int
+    max_num_seqs: int
+    gpu_memory_gib: float
+    dtype: torch.dtype
+    canvas_length: int | None = None
+    batch_invariant: bool = False
+    cuda_graphs: bool = True
+    prefill_chunk: int = 2048
+    max_waiting: int = 64
+
+
+def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
+    """The plan as a JSON-ready dict: components, fit, and how many full-length and 8k-token requests fit."""
+    cfg = target.config
+    if req.canvas_length is not None:
+        cfg = cfg.with_canvas_length(req.canvas_length)
+    if req.max_model_len > cfg.text.max_position_embeddings:
+        raise ConfigError(f"--max-model-len {req.max_model_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.text.max_position_embeddings}")
+    params = memory.count_parameters(cfg)
+    extra = (memory.vision_parts(target.checkpoint, cfg, req.dtype) if target.checkpoint is not None
+             else memory.vision_parts_from_config(cfg, req.dtype))
+    available = int(req.gpu_memory_gib * GiB)
+    graphs = req.cuda_graphs and not req.batch_invariant
+
+    def make(s: int, max_len: int = req.max_model_len) -> memory.MemoryPlan:
+        return memory.plan(cfg, req.dtype, device="cuda", max_num_seqs=s, max_model_len=max_len,
+                           max_waiting=req.max_waiting, prefill_chunk=req.prefill_chunk,
+                           batch_invariant=req.batch_invariant, cuda_graphs=graphs, params=params,
+                           available=available, extra=extra)
+
+    p = make(req.max_num_seqs)
+    full_fit = memory.largest_fitting(make, _FIT_LIMIT)
+    short_len = min(SHORT_REQUEST, req.max_model_len)
+    short_restart = memory.largest_fitting(lambda s: make(s, short_len), _FIT_LIMIT)
+    notes = dict(p.notes)
+    return {
+        "model": target.where,
+        "dtype": str(req.dtype).removeprefix("torch."),
+        "mode": p.mode,
+        "cuda_graphs": graphs,
+        "canvas_length": cfg.canvas_length,
+        "max_model_len": req.max_model_len,
+        "max_num_seqs": req.max_num_seqs,
+        "prefill_chunk": req.prefill_chunk,
+        "gpu_memory_gib": req.gpu_memory_gib,
+        "usable_bytes": p.usable,
+        "headroom": HEADROOM,
+        "components": [{"name": n, "bytes": b, "gib": round(b / GiB, 3), "how": notes.get(n, "")} for n, b in p.parts],
+        "total_bytes": p.total,
+        "total_gib": round(p.total / GiB, 3),
+        "fits": p.fits,
+        "kv_cache_bytes_per_slot": p.kv_bytes_per_slot,
+        "full_length_requests_fit": full_fit,
+        "requests_8k": {
+            "tokens": short_len,  # 8192, or --max-model-len if smaller
+            "today": full_fit,
+            "why": f"the KV cache is preallocated per slot: a slot costs --max-model-len {req.max_model_len} "
+                   f"positions in the full layers whatever its request holds, so {short_len}-token requests fit "
+                   "no better than full-length ones",
+            "if_served_with_max_model_len": {"max_model_len": short_len, "fit": short_restart},
+            "paged_estimate": paged_estimate(cfg, req, make, short_len),
+        },
+    }
+
+
+def paged_estimate(cfg: ModelConfig, req: PlanRequest, make, short_len: int) -> dict:
+    """ESTIMATE for a paged cache (issue 13's, not built): beside one full-length request, how many short requests
+    the remaining memory would hold if each cost only the KV it fills (full layers: its tokens; sliding layers: the
+    window; the canvas scratch) plus its row of the decode step, with prefill bounded by a per-step token budget of
+    one chunk (so the prefill workspace stays the one full-length request's). Block rounding is ignored."""
+    one = make(1)
+    t, C = cfg.text, cfg.canvas_length
+    elem = torch.empty((), dtype=req.dtype).element_size()
+    full, sliding = memory.kv_bytes_per_position(t, elem)
+    kv = full * (short_len + C) + sliding * (min(short_len, t.sliding_window - 1) + C)
+    row = kv + memory._activation_bytes(t, C) + memory.decode_workspace(t, 1, short_len, C, elem)
+    spare = max(0, one.usable - one.total) if one.fits else 0
+    return {
+        "label": "ESTIMATE for a paged KV cache, which dgemma does not have yet (issue 13): not what `serve` admits",
+        "beside_one_full_length_request": spare // row if one.fits else 0,
+        "kv_bytes_per_request": kv,
+        "bytes_per_request": row,
+        "spare_bytes": spare,
+    }
+
+
+def render(plan: dict) -> str:
+    lines = [f"memory plan for {plan['model']} ({plan['dtype']}, {plan['mode']} mode"
+             f"{', CUDA graphs' if plan['cuda_graphs'] else ''}, canvas {plan['canvas_length']}, "
+             f"--max-model-len {plan['max_model_len']}, --max-num-seqs {plan['max_num_seqs']})"]
+    lines += [f"  {c['name']:<40} {c['gib']:10.3f} GiB" for c in plan["components"]]
+    lines.append(f"  {'total':<40} {plan['total_gib']:10.3f} GiB")
+    lines.append(f"  {'usable (x%.2f of %g GiB)' % (plan['headroom'], plan['gpu_memory_gib']):<40} "
+                 f"{plan['usable_bytes'] / GiB:10.3f} GiB")
+    lines.append(f"fits: {'yes' if plan['fits'] else 'NO'}")
+    lines.append(f"full-length ({plan['max_model_len']}-token) requests that fit: {plan['full_length_requests_fit']}")
+    short = plan["requests_8k"]
+    restart, pe = short["if_served_with_max_model_len"], short["paged_estimate"]
+    lines.append(f"{short['tokens']}-token requests that fit today: {short['today']} ({short['why']}); "
+                 f"{restart['fit']} if served with --max-model-len {restart['max_model_len']}")
+    lines.append(f"  {pe['label']}: {pe['beside_one_full_length_request']} beside one full-length request "
+                 f"({pe['bytes_per_request'] / GiB:.3f} GiB each)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="dgemma plan", description="Print the serving memory plan of a model without loading weights.",
+               epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="config.json, checkpoint folder, cached Hub id or shipped config name")
+    p.add_argument("--max-model-len", type=int, required=True, help="prompt + output tokens per request")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="concurrent requests (KV cache slots)")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="device memory to plan against, in GiB")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    p.add_argument("--canvas-length", type=int, default=None, help="override the config's canvas_length")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
+                   help="plan the exact (batch-invariant) engine mode instead of the fast one (the CUDA default)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast mode: the decode step is captured as CUDA graphs (the CUDA default)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens a request encodes per step")
+    p.add_argument("--max-waiting", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import parse_dtype
+
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("max_model_len", "max_num_seqs", "prefill_chunk"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.canvas_length is not None and args.canvas_length < 1:
+            raise ValueError(f"--canvas-length must be positive, got {args.canvas_length}")
+        if not args.gpu_memory_gib > 0:
+            raise ValueError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
+        dtype = parse_dtype(args.dtype)
+        if dtype is None:
+            raise ValueError("--dtype auto needs weights: pass bfloat16, float16 or float32")
+        req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
+                          args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting)
+        plan = make_plan(find_config(args.model), req)
+    except (ConfigError, ValueError) as e:
+        print(f"dgemma plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0 if plan["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
