@@ -158,14 +158,10 @@ def test_decoder_logits_after_an_image_prompt_match(pair, self_conditioning):
 
 def oracle_draws(seeds, invariant: bool):
     """The draws to replay into transformers: the exact engine's per-request streams, or the fast engine's
-    counter-based ones (dgemma.draws.CounterStream, where the fast step has them)."""
-    from dgemma import engine
+    counter-based ones (dgemma.draws.CounterStream)."""
+    from dgemma.draws import CounterStream
 
-    if not invariant and hasattr(engine, "CounterDraws"):  # an engine without them draws alike in both modes
-        from dgemma.draws import CounterStream
-
-        return CounterStream(seeds)
-    return PerRequestDraws.from_seeds(seeds)
+    return PerRequestDraws.from_seeds(seeds) if invariant else CounterStream(seeds)
 
 
 KNOBS = dict(max_denoising_steps=10, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.05)
