@@ -106,6 +106,23 @@ def make_tiny_checkpoint(path: Path, canvas_length: int = 16, seed: int = 0, num
     return path
 
 
+# MARK: generation parity
+
+GEN_CANVAS, GEN_STEPS = 8, 10  # the generation parity model's canvas and step cap
+GEN_KNOBS = dict(max_denoising_steps=GEN_STEPS, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.05)
+
+
+def generation_models(tmp_path_factory, name: str):
+    """(transformers model, dgemma model) of the generation parity tests: canvas 8, a weak self-conditioning gain
+    (so that two correct implementations agree to ~1e-5 over many steps and produce the same tokens)."""
+    from dgemma import checkpoint
+
+    hf = make_hf_model(canvas_length=GEN_CANVAS, seed=5, sc_gain=0.1)
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path)
+    return hf, checkpoint.load(path).model
+
+
 # MARK: replaying dgemma's random draws into transformers' generate
 
 

@@ -4,25 +4,20 @@ logits and in generated tokens, is in test_model_parity.py and test_generate_par
 
 import pytest
 import torch
-from helpers import make_hf_model
+from helpers import GEN_CANVAS, GEN_KNOBS, GEN_STEPS, generation_models
 
-from dgemma import checkpoint
 from dgemma.draws import CounterDraws, CounterStream, seed_keys
 from dgemma.engine import Engine, EngineConfig
 from dgemma.sampling_params import SamplingParams
 
 pytest.importorskip("transformers")
 
-C, STEPS = 8, 10
-KNOBS = dict(max_denoising_steps=STEPS, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.05)
+C, STEPS, KNOBS = GEN_CANVAS, GEN_STEPS, GEN_KNOBS
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = make_hf_model(canvas_length=C, seed=5, sc_gain=0.1)
-    path = tmp_path_factory.mktemp("fast")
-    hf.save_pretrained(path)
-    return hf, checkpoint.load(path).model
+    return generation_models(tmp_path_factory, "fast")
 
 
 def engine(model, **kw):

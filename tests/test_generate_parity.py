@@ -9,9 +9,8 @@ projections, K/V read in place, grouped-GEMM experts, counter-based draws, repla
 
 import pytest
 import torch
-from helpers import hf_replay, make_hf_model
+from helpers import GEN_CANVAS, GEN_KNOBS, GEN_STEPS, generation_models, hf_replay
 
-from dgemma import checkpoint
 from dgemma.draws import CounterStream
 from dgemma.engine import Engine, EngineConfig
 from dgemma.sampler import PerRequestDraws
@@ -20,16 +19,12 @@ from dgemma.sampling_params import SamplingParams
 pytest.importorskip("transformers")
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_gen  # noqa: E402
 
-C, STEPS = 8, 10
-KNOBS = dict(max_denoising_steps=STEPS, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.05)
+C, STEPS, KNOBS = GEN_CANVAS, GEN_STEPS, GEN_KNOBS
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = make_hf_model(canvas_length=C, seed=5, sc_gain=0.1)
-    path = tmp_path_factory.mktemp("gen")
-    hf.save_pretrained(path)
-    return hf, checkpoint.load(path).model
+    return generation_models(tmp_path_factory, "gen")
 
 
 def run_hf(monkeypatch, hf, prompts, seeds, canvases, eos, invariant=True):
