@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8
+
 _state = threading.local()
 
 DENSE_TILE = 64  # rows per kernel call for the dense layers
@@ -69,10 +71,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> to
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias) that honours batch-invariant mode."""
+    """nn.Linear (no bias) that honours batch-invariant mode. An FP8 layer (fp8.prepare) holds a float8 weight and
+    `weight_scale` [out, 1]: fast mode on a capable GPU runs an FP8 GEMM, elsewhere the weight is dequantised per use."""
+
+    fp8_activations = False  # FP8 layer: quantise activations per token for the FP8 GEMM (fp8.prepare sets it)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("weight_scale", None)  # [out, 1] fp32 on FP8 layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        if self.weight_scale is None:
+            return linear(x, self.weight)
+        if self.fp8_activations and not enabled() and fp8.scaled_mm_ok(x, self.weight):
+            return fp8.scaled_linear(x, self.weight, self.weight_scale)
+        return linear(x, fp8.dequantize(self.weight, self.weight_scale, x.dtype))

@@ -76,7 +76,10 @@ class SelfAttention(nn.Module):
     fused_norm: torch.Tensor | None = None  # [Hq + Hkv (+ Hkv), d]: q_norm, k_norm (and 1 for v) weights per head
 
     def fuse(self) -> None:
-        """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent."""
+        """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent. FP8 layers
+        (fp8.py) stay apart: each has its own scales."""
+        if self.q_proj.weight_scale is not None:
+            return
         if self.fused is not None and self.q_proj.weight.data_ptr() == self.fused.data_ptr():
             return
         linears = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batch_invariant
+from . import batch_invariant, fp8
 from .batch_invariant import EXPERT_TILE, Linear, linear
 from .config import TextConfig
 
@@ -64,7 +64,9 @@ class MLP(nn.Module):
     fused: torch.Tensor | None = None  # [2 * inner, hidden]: gate rows then up rows (fast path)
 
     def fuse(self) -> None:
-        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent."""
+        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent. FP8 layers stay apart."""
+        if self.gate_proj.weight_scale is not None:
+            return
         if self.fused is None or self.gate_proj.weight.data_ptr() != self.fused.data_ptr():
             from .model import fuse_linears
             self.fused = fuse_linears([self.gate_proj, self.up_proj])
@@ -110,6 +112,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))  # [E, gate rows | up rows, H]
         self.down_proj = nn.Parameter(torch.empty(e, h, m))  # [E, H, M]
         self._ends: torch.Tensor | None = None  # 1..E, the group ends searched for in the sorted ids (made once)
+        self.register_buffer("gate_up_proj_scale", None)  # [E, 2M, 1] fp32 when the experts are FP8 (fp8.py)
+        self.register_buffer("down_proj_scale", None)  # [E, H, 1] fp32 when the experts are FP8
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
@@ -130,6 +134,9 @@ class Experts(nn.Module):
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
         w1, w2 = self.gate_up_proj, self.down_proj
+        if self.gate_up_proj_scale is not None:  # FP8: the whole stack dequantised per use (see fp8.py)
+            w1 = fp8.dequantize(w1, self.gate_up_proj_scale, xs.dtype)
+            w2 = fp8.dequantize(w2, self.down_proj_scale, xs.dtype)
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
@@ -146,8 +153,12 @@ class Experts(nn.Module):
         ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
-                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE))
+                w1, w2 = self.gate_up_proj[e], self.down_proj[e]
+                if self.gate_up_proj_scale is not None:  # FP8: dequantise the experts hit, per use
+                    w1 = fp8.dequantize(w1, self.gate_up_proj_scale[e], xs.dtype)
+                    w2 = fp8.dequantize(w2, self.down_proj_scale[e], xs.dtype)
+                gate, up = linear(xs[start:start + c], w1, EXPERT_TILE).chunk(2, dim=-1)
+                ys.append(linear(gelu_tanh(gate) * up, w2, EXPERT_TILE))
                 start += c
         if not ys:
             return xs.new_empty(0, self.down_proj.shape[1])
