@@ -93,7 +93,7 @@ class Fp8Scheme:
         fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None,
                "actorder": None, "observer": None, "observer_kwargs": {}}
         group = {"targets": ["Linear"], "format": "float-quantized",
-                 "weights": {**fp8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                 "weights": {**fp8, "strategy": "channel", "dynamic": False},
                  "input_activations": {**fp8, "strategy": "token", "dynamic": True} if self.dynamic_activations
                  else None, "output_activations": None}
         return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
