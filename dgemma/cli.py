@@ -78,6 +78,8 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--model", help="checkpoint folder or Hugging Face Hub id (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: hold the weights in FP8, quantised as they load (FP8 checkpoints need no flag)")
 
 
 def chat_inputs(llm, prompt: str, image_paths: list[str]):
@@ -110,7 +112,7 @@ def generate_main(argv: list[str]) -> int:
     from .llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))

@@ -305,3 +305,20 @@ def test_fp8_tensor_of_an_ignored_module_is_refused(ct_path):
 def test_bad_quantization_argument():
     with pytest.raises(ValueError, match="quantization must be fp8"):
         checkpoint.load(default_model_path(), quantization="int4")
+
+
+# MARK: command line
+
+
+def test_generate_and_serve_take_quantization_fp8(capsys):
+    """`dgemma generate --quantization fp8` writes text; `dgemma serve --quantization fp8` builds an FP8 model."""
+    from dgemma.cli import main
+    from dgemma.server.cli import build, build_parser, config_from_args
+
+    assert main(["generate", "ROMEO:", "--quantization", "fp8", "--seed", "0", "--max-new-tokens", "16",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["completion_tokens"] == 16 and out["text"].strip()
+    config = config_from_args(build_parser().parse_args(["--quantization", "fp8", "--no-memory-check"]))
+    llm, _ = build(config)
+    assert llm.model.layers[0].experts.down_proj.dtype == fp8.FP8
