@@ -301,12 +301,15 @@ def save(model: DiffusionGemma, out: str | Path, generation: GenerationConfig | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {to_checkpoint_name(n): t for n, t in model.state_dict().items() if "inv_freq" not in n}
+        tensors = {}
+        for n, t in model.state_dict().items():
+            if "inv_freq" not in n:
+                tensors.update(fp8.checkpoint_layout(to_checkpoint_name(n), t))  # FP8 experts: per-expert weights
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):
             t = tensors[name].detach()
-            if dtype is not None:
+            if dtype is not None and not fp8.is_quantized(t) and not name.endswith("weight_scale"):
                 t = t.to(dtype)
             t = t.contiguous().cpu()
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():

@@ -240,3 +240,27 @@ def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> to
     xq = (x2.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1), out_dtype=x.dtype)
     return out.reshape(*shape[:-1], w.shape[0])
+
+
+# MARK: saving
+
+
+_STACKED = re.compile(r"^(?P<module>.+\.experts)\.(?P<attr>gate_up_proj|down_proj)(?P<scale>_scale)?$")
+
+
+def checkpoint_layout(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of the model (checkpoint name) as the compressed-tensors checkpoint holds it: FP8 stacked experts
+    and their scales become per-expert 2-D Linear weights (`experts.{e}.gate_proj.weight`, `.weight_scale`, ...);
+    anything else is kept as it is."""
+    m = _STACKED.match(name)
+    if m is None or (m["scale"] is None and not is_quantized(t)):
+        return {name: t}
+    leaf = "weight_scale" if m["scale"] else "weight"
+    out = {}
+    for e in range(t.shape[0]):
+        if m["attr"] == "down_proj":
+            out[f"{m['module']}.{e}.down_proj.{leaf}"] = t[e]
+        else:
+            gate, up = t[e].chunk(2, dim=0)
+            out[f"{m['module']}.{e}.gate_proj.{leaf}"], out[f"{m['module']}.{e}.up_proj.{leaf}"] = gate, up
+    return out

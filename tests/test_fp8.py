@@ -173,6 +173,31 @@ def test_quantize_on_load_equals_quantizing_each_tensor(tmp_path):
     assert all(1e-3 < e < 0.25 for e in errs), errs
 
 
+def test_fp8_model_saves_as_compressed_tensors_and_reloads_identically(tmp_path):
+    """Saving an FP8 model writes the compressed-tensors layout (per-expert FP8 Linear weights with weight_scale,
+    the quantization_config), which the library decompresses to dgemma's dequantised weights and which dgemma
+    reloads bit for bit, with identical logits."""
+    from safetensors.torch import load_file
+
+    checkpoint.save(tiny_model(3), tmp_path / "f")
+    q = checkpoint.load(tmp_path / "f", dtype="bfloat16", quantization="fp8")
+    checkpoint.save(q.model, tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    piece = "model.decoder.layers.1.experts.2.up_proj."
+    assert tensors[piece + "weight"].dtype == fp8.FP8 and tensors[piece + "weight_scale"].shape == (32, 1)
+    assert not any(n.endswith(("experts.gate_up_proj", "_proj_scale")) for n in tensors)
+    assert tensors["model.decoder.layers.0.router.proj.weight"].dtype == torch.bfloat16
+    scheme = QuantizationConfig.model_validate(
+        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]).config_groups["group_0"]
+    experts = q.model.layers[1].experts
+    want = fp8.dequantize(experts.gate_up_proj[2, 32:], experts.gate_up_proj_scale[2, 32:], torch.float32)
+    assert torch.equal(ct_dequantize(tensors[piece + "weight"], tensors[piece + "weight_scale"], scheme), want)
+    again = checkpoint.load(tmp_path / "q")
+    for (name, a), b in zip(q.model.state_dict().items(), again.model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    assert torch.equal(decoder_logits(again.model), decoder_logits(q.model))
+
+
 def test_quantize_is_within_fp8_rounding():
     """Per-row scales map each row's largest magnitude to 448 exactly, and every element comes back within half an
     fp8 step (relative 2^-4 of its magnitude, or the subnormal step), over several seeds and magnitudes."""
