@@ -227,6 +227,47 @@ def test_default_model_in_fp8_generates_text_and_holds_about_half_the_bytes():
         assert len(out.token_ids) == 32 and out.text.strip()
 
 
+# MARK: the FP8 GEMM (torch._scaled_mm, which this CPU build also runs)
+
+
+def test_scaled_linear_is_the_product_of_per_token_fp8_activations_and_fp8_weights():
+    """fp8.scaled_linear (the CUDA dense path) computes, to bf16 output rounding, dequant(quantised x) @
+    dequant(w)^T, with x quantised per token (each row's largest magnitude at 448), over several seeds and shapes;
+    its distance from the unquantised-activation product is the activation quantisation's (about 2%)."""
+    for seed, (m, k, n) in enumerate([(5, 96, 64), (1, 64, 128), (33, 128, 32), (0, 32, 16)]):
+        g = torch.Generator().manual_seed(seed)
+        q, s = fp8.quantize(torch.randn(n, k, generator=g))
+        x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+        got = fp8.scaled_linear(x, q, s)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        if m == 0:
+            continue
+        xq, xs = fp8.quantize(x)
+        assert torch.equal(xq.float().abs().amax(-1), torch.full((m,), 448.0))
+        want = torch.nn.functional.linear(fp8.dequantize(xq, xs, torch.float32), fp8.dequantize(q, s, torch.float32))
+        assert rel_err(got, want) <= 4e-3, seed
+        exact = torch.nn.functional.linear(x.float(), fp8.dequantize(q, s, torch.float32))
+        assert 1e-3 < rel_err(got, exact) < 0.05
+
+
+def test_model_on_the_fp8_gemm_path_generates_near_the_dequantised_path(monkeypatch):
+    """With the FP8 GEMM allowed off CUDA, the default model's fast mode runs every dense FP8 layer through
+    torch._scaled_mm: it still writes text, its logits stay within 5% of the dequantised path's, and exact mode
+    never takes it (batch invariance needs the tiled matmul)."""
+    q = LLM(dtype="bfloat16", quantization="fp8", batch_invariant=False)
+    base = [decoder_logits(q.model, seed, "fast") for seed in range(3)]
+    calls = []
+    real = fp8.scaled_linear
+    monkeypatch.setattr(fp8, "scaled_mm_ok", lambda x, w: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(fp8, "scaled_linear", lambda *a: calls.append(1) or real(*a))
+    decoder_logits(q.model, 0, "exact")
+    assert not calls
+    errs = [rel_err(decoder_logits(q.model, seed, "fast"), b) for seed, b in enumerate(base)]
+    assert calls and max(errs) < 0.05, errs
+    out = q.generate(["ROMEO:"], SamplingParams(max_new_tokens=32, seed=0))[0]
+    assert len(out.token_ids) == 32 and out.text.strip()
+
+
 # MARK: the fast step
 
 
