@@ -103,13 +103,21 @@ class Fp8Scheme:
 # MARK: quantise, dequantise
 
 
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., out, in] float -> (fp8 [..., out, in], fp32 scale [..., out, 1]): one scale per output row, the row's
-    largest magnitude mapped to 448 (an all-zero row gets scale 1)."""
-    wf = w.float()
-    amax = wf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (wf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    largest magnitude mapped to 448 (an all-zero row gets scale 1). Rows go a few MB at a time, so quantising a
+    large memory-mapped tensor holds no fp32 copy of it."""
+    rows = w.reshape(-1, w.shape[-1])
+    q = torch.empty(rows.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=w.device)
+    step = max(1, chunk_elements // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        wf = rows[i:i + step].float()
+        amax = wf.abs().amax(dim=-1, keepdim=True)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        q[i:i + step] = (wf / s).clamp_(-FP8_MAX, FP8_MAX)  # not in place: wf may be the caller's fp32 tensor
+        scale[i:i + step] = s
+    return q.view(w.shape), scale.view(*w.shape[:-1], 1)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -204,7 +204,10 @@ def test_quantize_is_within_fp8_rounding():
     for seed in range(4):
         w = torch.randn(32, 48, generator=torch.Generator().manual_seed(seed)) * 10.0 ** (seed - 2)
         w[3] = 0
+        w0 = w.clone()
         q, s = fp8.quantize(w)
+        q5, s5 = fp8.quantize(w, chunk_elements=5 * 48)  # five rows at a time: the same numbers
+        assert torch.equal(w, w0) and torch.equal(q5.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s5, s)
         assert q.dtype == fp8.FP8 and s.shape == (32, 1) and s[3].item() == 1.0
         assert torch.equal(q.float().abs().amax(-1)[torch.arange(32) != 3], torch.full((31,), 448.0))
         back = fp8.dequantize(q, s, torch.float32)
