@@ -219,18 +219,22 @@ def _assign_fp8(model, pname: str, f, name: str, file: Path, want) -> None:
             raise CheckpointError(f"{file}: tensor {name} is FP8, but config.json has no FP8 quantization_config "
                                   "that covers it (is it on the ignore list?)")
         return _assign(model, pname, t, name, file)
+    if fp8.is_quantized(cur) and not is_scale and f.get_slice(name).get_dtype() != "F8_E4M3":  # quantise here
+        try:
+            t, scale = fp8.quantize_from_file(file, name)
+        except (ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
+        if tuple(t.shape) != tuple(cur.shape):
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(cur.shape)}")
+        mod._buffers[attr + fp8.SCALE_SUFFIX] = scale
+        return _assign(model, pname, t, name, file)
     t = _read(f, name, file, None)
     if is_scale:
         try:
             t = fp8.channel_scale(t, cur.shape[-2])
         except ValueError as e:
             raise CheckpointError(f"{file}: tensor {name}: {e}") from None
-    elif t.dtype != fp8.FP8:
-        if tuple(t.shape) != tuple(cur.shape):
-            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{tuple(cur.shape)}")
-        t, scale = fp8.quantize(t)
-        mod._buffers[attr + fp8.SCALE_SUFFIX] = scale
     _assign(model, pname, t, name, file)
 
 

@@ -120,6 +120,44 @@ def quantize(w: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tens
     return q.view(w.shape), scale.view(*w.shape[:-1], 1)
 
 
+_FILE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def quantize_from_file(file, name: str, chunk_bytes: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` of a float tensor of a safetensors file, read with plain file reads a few rows at a time (never
+    memory-mapped, so the float bytes never become part of this process's resident memory: a checkpoint quantised
+    on load peaks near its FP8 size, not its float size)."""
+    import json
+    import struct
+
+    with open(file, "rb", buffering=0) as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        entry = json.loads(fh.read(n))[name]
+        dtype = _FILE_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"dtype {entry['dtype']} cannot be quantised (expected BF16, F16 or F32)")
+        shape, start = entry["shape"], 8 + n + entry["data_offsets"][0]
+        cols, size = shape[-1], torch.empty((), dtype=dtype).element_size()
+        rows = entry["data_offsets"][1] - entry["data_offsets"][0]
+        rows //= max(1, cols * size)
+        q = torch.empty(rows, cols, dtype=FP8)
+        scale = torch.empty(rows, 1, dtype=torch.float32)
+        step = max(1, chunk_bytes // max(1, cols * size))
+        buf = bytearray(min(step, max(rows, 1)) * cols * size)
+        for i in range(0, rows, step):
+            k = min(step, rows - i)
+            view = memoryview(buf)[:k * cols * size]
+            fh.seek(start + i * cols * size)
+            got = 0
+            while got < len(view):
+                r = fh.readinto(view[got:])
+                if not r:
+                    raise ValueError("the file ends inside the tensor (truncated?)")
+                got += r
+            q[i:i + k], scale[i:i + k] = quantize(torch.frombuffer(view, dtype=dtype).view(k, cols))
+    return q.view(shape), scale.view(*shape[:-1], 1)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp8 [..., out, in] * fp32 scale [..., out, 1] -> dtype. The product is exact in fp32 (4 + 24 bits); one
     rounding to `dtype`, as compressed-tensors' dequantisation."""
