@@ -198,6 +198,24 @@ def test_fp8_model_saves_as_compressed_tensors_and_reloads_identically(tmp_path)
     assert torch.equal(decoder_logits(again.model), decoder_logits(q.model))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_from_file_reads_in_chunks_what_quantize_gives(tmp_path, dtype):
+    """Quantising straight from the file, a few rows per read, gives fp8.quantize of the tensor, for 2-D and 3-D
+    tensors; a truncated file is an error, not garbage."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 24, generator=g).to(dtype), "b": torch.randn(3, 10, 16, generator=g).to(dtype)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    for name, t in tensors.items():
+        q, s = fp8.quantize_from_file(tmp_path / "t.safetensors", name, chunk_bytes=7 * 24 * 2)
+        want_q, want_s = fp8.quantize(t)
+        assert q.shape == t.shape and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(s, want_s)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="truncated"):
+        fp8.quantize_from_file(tmp_path / "t.safetensors", "b")
+
+
 def test_quantize_is_within_fp8_rounding():
     """Per-row scales map each row's largest magnitude to 448 exactly, and every element comes back within half an
     fp8 step (relative 2^-4 of its magnitude, or the subnormal step), over several seeds and magnitudes."""
