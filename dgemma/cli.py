@@ -1,10 +1,11 @@
-"""The `dgemma` command: generate, serve, train, sudoku.
+"""The `dgemma` command: generate, serve, train, sudoku, export.
 
     dgemma generate "To be, or not to be"                  # embedded default model, live canvas view
     dgemma generate --model google/diffusiongemma-26B-A4B-it --chat "Hello" --json
     dgemma serve [MODEL] --port 8000
     dgemma train --config cfg.json --data text:corpus.txt --tokenizer DIR --out runs/x
     dgemma sudoku solve 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
+    dgemma export MODEL OUT --quantization fp8
 
 Every multi-word flag also takes underscores (`--max_new_tokens`). Errors print one line and exit non-zero.
 """
@@ -23,6 +24,7 @@ SUBCOMMANDS = {
     "serve": ("serve an OpenAI-compatible API", "dgemma.server.cli", "main"),
     "train": ("train or fine-tune a block-diffusion model", "dgemma.train.cli", "main"),
     "sudoku": ("train, evaluate and run the Sudoku solver", "dgemma.sudoku.cli", "main"),
+    "export": ("write a checkpoint in another form (e.g. --quantization fp8)", "dgemma.export", "main"),
 }
 
 

@@ -409,3 +409,20 @@ def test_generate_and_serve_take_quantization_fp8(capsys):
     config = config_from_args(build_parser().parse_args(["--quantization", "fp8", "--no-memory-check"]))
     llm, _ = build(config)
     assert llm.model.layers[0].experts.down_proj.dtype == fp8.FP8
+
+
+def test_export_quantization_fp8_writes_a_checkpoint_that_generates_as_quantise_on_load(tmp_path, capsys):
+    """`dgemma export --quantization fp8` writes the compressed-tensors checkpoint with the tokenizer; loading it
+    gives the tokens of quantising on load; exporting onto the source folder is refused."""
+    from dgemma.cli import main
+
+    assert main(["export", str(default_model_path()), str(tmp_path / "fp8"), "--quantization", "fp8"]) == 0
+    assert (tmp_path / "fp8" / "tokenizer.json").is_file()
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    params = SamplingParams(max_new_tokens=32, seed=1)
+    exported = LLM(str(tmp_path / "fp8")).generate(["JULIET:"], params)[0]
+    assert exported.token_ids == LLM(quantization="fp8").generate(["JULIET:"], params)[0].token_ids
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "fp8"), str(tmp_path / "fp8")])
+    assert "refused" in capsys.readouterr().err
