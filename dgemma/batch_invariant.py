@@ -70,6 +70,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> to
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 fp8_activations: bool = False) -> torch.Tensor:
+    """The fast path's product with fused weights (model.fuse_linears): F.linear, or for FP8 weights (their scales
+    fused alongside, `fuse_scales`) the FP8 GEMM where it runs and the dequantised weight elsewhere."""
+    if scale is None:
+        return F.linear(x, weight)
+    if fp8_activations and fp8.scaled_mm_ok(x, weight):
+        return fp8.scaled_linear(x, weight, scale)
+    return F.linear(x, fp8.dequantize(weight, scale, x.dtype))
+
+
+def fuse_scales(linears: list["Linear"]) -> torch.Tensor | None:
+    """The FP8 scales of `linears` as one [rows, 1] tensor, each layer's `weight_scale` re-pointed at its rows (the
+    companion of model.fuse_linears); None for float layers."""
+    if linears[0].weight_scale is None:
+        return None
+    fused = torch.cat([lin.weight_scale for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight_scale.shape[0]
+        lin.weight_scale = fused[start:start + n]
+        start += n
+    return fused
+
+
 class Linear(nn.Linear):
     """nn.Linear (no bias) that honours batch-invariant mode. An FP8 layer (fp8.prepare) holds a float8 weight and
     `weight_scale` [out, 1]: fast mode on a capable GPU runs an FP8 GEMM, elsewhere the weight is dequantised per use."""

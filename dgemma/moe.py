@@ -62,18 +62,20 @@ class MLP(nn.Module):
         self.down_proj = Linear(inner, hidden)
 
     fused: torch.Tensor | None = None  # [2 * inner, hidden]: gate rows then up rows (fast path)
+    fused_scale: torch.Tensor | None = None  # [2 * inner, 1]: their FP8 scales (fp8.py)
 
     def fuse(self) -> None:
-        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent. FP8 layers stay apart."""
-        if self.gate_proj.weight_scale is not None:
-            return
+        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent. FP8 layers fuse their
+        scales alongside."""
         if self.fused is None or self.gate_proj.weight.data_ptr() != self.fused.data_ptr():
             from .model import fuse_linears
             self.fused = fuse_linears([self.gate_proj, self.up_proj])
+            self.fused_scale = batch_invariant.fuse_scales([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and not batch_invariant.enabled():
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            gate, up = batch_invariant.fused_linear(x, self.fused, self.fused_scale,
+                                                    self.gate_proj.fp8_activations).chunk(2, dim=-1)
             return self.down_proj(gelu_tanh(gate) * up)
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 

@@ -47,6 +47,8 @@ def decoder_logits(model: DiffusionGemma, seed: int = 7, mode: str = "exact") ->
     v, c = model.text.vocab_size, model.config.canvas_length
     prompt, canvas = torch.randint(0, v, (2, 12), generator=g), torch.randint(0, v, (2, c), generator=g)
     sc_logits = torch.randn(2, c, v, generator=g) * 3
+    if mode == "fast":  # as the engine does: fused q/k/v and gate/up (with fused FP8 scales)
+        model.fuse_projections()
     with batch_invariant.mode(MODES[mode]):
         kv = KVCache(model.text, num_slots=2, capacity=12 + c, dtype=model.dtype)
         seg = EncodeSegment(kv, prompt, slots=[0, 1])
@@ -129,6 +131,9 @@ def test_compressed_tensors_checkpoint_matches_its_dequantised_weights(tmp_path,
         assert layer.self_attn.q_proj.weight.dtype == layer.experts.gate_up_proj.dtype == fp8.FP8
         assert layer.router.proj.weight.dtype == ck.model.self_conditioning.gate_proj.weight.dtype == torch.float32
         assert layer.experts.down_proj_scale.shape == (4, 64, 1)
+        ck.model.fuse_projections()
+        assert layer.self_attn.fused.dtype == fp8.FP8 and layer.self_attn.fused_scale.shape == (64 + 32 + 32, 1)
+        assert layer.self_attn.k_proj.weight_scale.data_ptr() == layer.self_attn.fused_scale[64:].data_ptr()
         with torch.no_grad():
             for name, w in reference.items():
                 model.get_parameter(name).copy_(w)
