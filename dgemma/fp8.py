@@ -179,26 +179,55 @@ def is_quantized(t: torch.Tensor) -> bool:
 # MARK: the model in FP8 layout
 
 
-def prepare(model: nn.Module, scheme: Fp8Scheme, checkpoint_name: Callable[[str], str]) -> list[str]:
-    """Turn the (meta-device) model's Linear and Experts weights not on the ignore list into FP8 parameters with
-    fp32 scale buffers (empty, to be loaded). Returns the dgemma names of the new scale buffers."""
+def _targets(model: nn.Module, scheme: Fp8Scheme, checkpoint_name: Callable[[str], str]):
+    """(dgemma module name, module, weight attributes) of every Linear and Experts of the text model that the
+    scheme quantises."""
     from .batch_invariant import Linear
     from .moe import Experts
 
-    scales = []
     for name, mod in model.named_modules():
         if name.startswith("vision") or not isinstance(mod, (Linear, Experts)):
             continue
-        if scheme.ignored(checkpoint_name(name + ".weight").rpartition(".")[0]):
-            continue
-        for attr in ("weight",) if isinstance(mod, Linear) else ("gate_up_proj", "down_proj"):
+        if not scheme.ignored(checkpoint_name(name + ".weight").rpartition(".")[0]):
+            yield name, mod, ("weight",) if isinstance(mod, Linear) else ("gate_up_proj", "down_proj")
+
+
+def prepare(model: nn.Module, scheme: Fp8Scheme, checkpoint_name: Callable[[str], str]) -> list[str]:
+    """Turn the (meta-device) model's Linear and Experts weights not on the ignore list into FP8 parameters with
+    fp32 scale buffers (empty, to be loaded). Returns the dgemma names of the new scale buffers."""
+    scales = []
+    for name, mod, attrs in _targets(model, scheme, checkpoint_name):
+        for attr in attrs:
             w = getattr(mod, attr)
             setattr(mod, attr, nn.Parameter(torch.empty(w.shape, dtype=FP8, device=w.device), requires_grad=False))
             setattr(mod, attr + SCALE_SUFFIX, torch.empty(*w.shape[:-1], 1, dtype=torch.float32, device=w.device))
             scales.append(f"{name}.{attr}{SCALE_SUFFIX}")
-        if isinstance(mod, Linear):
+        if attrs == ("weight",):
             mod.fp8_activations = scheme.dynamic_activations
     return scales
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: Fp8Scheme | None = None) -> nn.Module:
+    """Quantise a float model in place, one tensor at a time (for models built in memory; checkpoints quantise as
+    they load). Its config then carries the scheme's quantization_config, so `checkpoint.save` writes FP8."""
+    from dataclasses import replace
+
+    from .checkpoint import to_checkpoint_name
+
+    scheme = scheme or Fp8Scheme()
+    for _, mod, attrs in _targets(model, scheme, to_checkpoint_name):
+        for attr in attrs:
+            q, scale = quantize(getattr(mod, attr))
+            setattr(mod, attr, nn.Parameter(q, requires_grad=False))
+            setattr(mod, attr + SCALE_SUFFIX, scale)
+        if attrs == ("weight",):
+            mod.fp8_activations = scheme.dynamic_activations
+    for m in model.modules():  # fused fast-path weights were views of the float ones: rebuilt on the next fuse
+        if getattr(m, "fused", None) is not None:
+            m.fused = None
+    model.config = replace(model.config, raw={**model.config.raw, "quantization_config": scheme.to_config()})
+    return model
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -173,6 +173,10 @@ def test_quantize_on_load_equals_quantizing_each_tensor(tmp_path):
     assert torch.equal(experts.down_proj_scale, s)
     assert ck.model.layers[0].router.proj.weight.dtype == torch.float32
     assert ck.config.raw["quantization_config"]["format"] == "float-quantized"
+    in_memory = fp8.quantize_model(tiny_model(0))  # the same, for a model built in memory
+    for (name, a), b in zip(in_memory.state_dict().items(), ck.model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    assert in_memory.config.raw["quantization_config"] == ck.config.raw["quantization_config"]
     # A random model with weights of std 0.15 is harsh on 8-bit weights (the trained default model: below 5%).
     errs = [rel_err(decoder_logits(ck.model, seed), decoder_logits(model, seed)) for seed in range(3)]
     assert all(1e-3 < e < 0.25 for e in errs), errs
