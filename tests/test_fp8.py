@@ -435,3 +435,22 @@ def test_export_quantization_fp8_writes_a_checkpoint_that_generates_as_quantise_
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "fp8"), str(tmp_path / "fp8")])
     assert "refused" in capsys.readouterr().err
+
+
+def test_gpu_generate_dry_run_in_fp8(tmp_path):
+    """benchmarks/gpu_generate.py --quantization fp8 runs end to end (CPU dry run at tiny widths), with its weights
+    and its bandwidth floor counted in FP8 bytes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_generate", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_generate.py")
+    gpu_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_generate)
+    r = gpu_generate.main(["--device", "cpu", "--tiny", "--layers", "6", "--experts", "8", "--prompt", "32",
+                           "--new-tokens", "32", "--steps", "2", "--batches", "1", "--peak-tbps", "0.05",
+                           "--quantization", "fp8", "--out", str(tmp_path / "r.json")])
+    bf16 = gpu_generate.materialise(gpu_generate.model_config(6, 8, tiny=True), "cpu")
+    bf16_gb = sum(p.numel() * p.element_size() for p in bf16.parameters()) / 1e9
+    assert r["quantization"] == "fp8" and r["batches"]["1"]["tokens"] == 32
+    assert 0.5 * bf16_gb < r["weight_gb"] < 0.75 * bf16_gb
+    assert r["bytes_per_step_all_experts_gb"] < gpu_generate.step_bytes(bf16) / 1e9
