@@ -136,9 +136,13 @@ class Experts(nn.Module):
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
         w1, w2 = self.gate_up_proj, self.down_proj
-        if self.gate_up_proj_scale is not None:  # FP8: the whole stack dequantised per use (see fp8.py)
-            w1 = fp8.dequantize(w1, self.gate_up_proj_scale, xs.dtype)
-            w2 = fp8.dequantize(w2, self.down_proj_scale, xs.dtype)
+        s1 = s2 = None
+        if self.gate_up_proj_scale is not None:
+            # FP8 (fp8.py): the cast to the activation dtype is exact (e4m3 fits bf16/fp16/fp32); each expert's
+            # per-row weight scale multiplies its output columns after the GEMM (a gather of [S, N] scales), so no
+            # scaled copy of the stack is made: the GEMM reads the cast stack once.
+            w1, w2 = w1.to(xs.dtype), w2.to(xs.dtype)
+            s1, s2 = self.gate_up_proj_scale[ids, :, 0], self.down_proj_scale[ids, :, 0]
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
@@ -146,8 +150,8 @@ class Experts(nn.Module):
         if ends is None or ends.device != ids.device:
             ends = self._ends = torch.arange(1, w1.shape[0] + 1, device=ids.device)
         offs = torch.searchsorted(ids, ends, out_int32=True)
-        gate, up = _grouped_mm(xs, w1.transpose(1, 2), offs).chunk(2, dim=-1)
-        return _grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs)
+        gate, up = _scaled(_grouped_mm(xs, w1.transpose(1, 2), offs), s1).chunk(2, dim=-1)
+        return _scaled(_grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs), s2)
 
     def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
@@ -165,6 +169,11 @@ class Experts(nn.Module):
         if not ys:
             return xs.new_empty(0, self.down_proj.shape[1])
         return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+def _scaled(y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """y [S, N] times per-row FP8 weight scales gathered per token [S, N] (fp32, rounded once); None: y."""
+    return y if scale is None else (y.float() * scale).to(y.dtype)
 
 
 # MARK: grouped GEMM in any dtype
