@@ -12,9 +12,11 @@ Activations are quantised dynamically per token (one scale per row, at run time)
 Compute:
 - on CUDA with compute capability 8.9 or newer, bf16 activations and dims that are multiples of 16, dense layers run
   `torch._scaled_mm` on fp8 activations (row-wise scales) and fp8 weights (per-channel scales), fast mode only;
-- everywhere else (the CPU, exact mode, the experts) the weight is dequantised per use, fp8 -> fp32 * scale -> the
-  activation dtype, and the ordinary matmul runs. For the experts this is the documented fallback on CUDA too: one
-  dequantised copy of a layer's stacked experts per forward (no host sync, no loop over experts).
+- elsewhere (the CPU, exact mode) a dense weight is dequantised per use, fp8 -> fp32 * scale -> the activation
+  dtype, and the ordinary matmul runs;
+- the experts in fast mode (on CUDA too: the documented fallback) cast the stack to the activation dtype (exact),
+  run the two grouped GEMMs and multiply each output column by its expert's row scale (moe.Experts._grouped): no
+  host sync, no loop over experts. In exact mode the experts hit are dequantised per use.
 
 Not quantised (the default ignore list of `--quantization fp8`): the router, the self-conditioning block, the
 vision tower, and everything that is not a Linear or the experts (embeddings, norms, scalars).
