@@ -175,6 +175,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model.reset_rope()  # non-persistent buffers are still on the meta device
     model.to(device)
     model.eval()
+    if scheme is not None:
+        fp8.prime(device)
     return Checkpoint(model, config, generation, path, passthrough)
 
 

@@ -225,6 +225,7 @@ def quantize_model(model: nn.Module, scheme: Fp8Scheme | None = None) -> nn.Modu
             setattr(mod, attr + SCALE_SUFFIX, scale)
         if attrs == ("weight",):
             mod.fp8_activations = scheme.dynamic_activations
+    prime(next(model.parameters()).device)
     for m in model.modules():  # fused fast-path weights were views of the float ones: rebuilt on the next fuse
         if getattr(m, "fused", None) is not None:
             m.fused = None
@@ -298,13 +299,20 @@ def scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and _capability(x.device) >= (8, 9))
 
 
-_CAPABILITY: dict = {}
+_CAPABILITY: dict = {}  # CUDA device -> compute capability, filled eagerly (`prime`) so compiled code only reads it
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
     if device not in _CAPABILITY:
         _CAPABILITY[device] = torch.cuda.get_device_capability(device)
     return _CAPABILITY[device]
+
+
+def prime(device: torch.device | str) -> None:
+    """Look up a CUDA device's capability now, outside any traced code (checkpoint.load and quantize_model do)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        _capability(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -350,7 +350,12 @@ def test_fp8_model_compiles_fullgraph(tmp_path):
         eager = ffn(x)
         torch._dynamo.reset()
         compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")(x)
-    assert rel_err(compiled, eager) <= 1e-6
+        assert rel_err(compiled, eager) <= 1e-6
+        w = layer.mlp.down_proj  # and the FP8 GEMM path (torch._scaled_mm, here on the CPU)
+        xb = torch.randn(16, w.weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+        torch._dynamo.reset()
+        compiled = torch.compile(fp8.scaled_linear, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(xb, w.weight, w.weight_scale), fp8.scaled_linear(xb, w.weight, w.weight_scale))
 
 
 # MARK: bad checkpoints
