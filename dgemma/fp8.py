@@ -233,6 +233,18 @@ def quantize_model(model: nn.Module, scheme: Fp8Scheme | None = None) -> nn.Modu
     return model
 
 
+def weight_bytes(config, dtype: torch.dtype, scheme: Fp8Scheme | None = None) -> int:
+    """Bytes of the text model's parameters and buffers in FP8 layout (the rest in `dtype`), counted on the meta
+    device: what the memory plan charges for an FP8 model."""
+    from .checkpoint import to_checkpoint_name
+    from .model import DiffusionGemma
+
+    with torch.device("meta"):
+        model = DiffusionGemma(config).to(dtype)
+        prepare(model, scheme or Fp8Scheme(), to_checkpoint_name)
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and persistent buffers (scales included), each storage once."""
     seen, total = set(), 0

@@ -459,3 +459,30 @@ def test_gpu_generate_dry_run_in_fp8(tmp_path):
     assert r["quantization"] == "fp8" and r["batches"]["1"]["tokens"] == 32
     assert 0.5 * bf16_gb < r["weight_gb"] < 0.75 * bf16_gb
     assert r["bytes_per_step_all_experts_gb"] < gpu_generate.step_bytes(bf16) / 1e9
+
+
+def test_memory_plan_counts_fp8_weights():
+    """The serve-time memory plan charges an FP8 model its FP8 bytes: exactly the text model's parameters and
+    buffers as loaded with quantization fp8, 0.5-0.65x the bf16 figure here; and for the released 26B-A4B config
+    the FP8 weights fit a 32 GiB card, bf16 ones do not."""
+    from dgemma.config import release_26b_a4b_text
+    from dgemma.server import memory
+
+    ck = checkpoint.load(default_model_path(), dtype="bfloat16", quantization="fp8")
+    text = [t for n, t in list(ck.model.named_parameters()) + list(ck.model.named_buffers())
+            if not n.startswith("vision")]
+    want = sum(t.numel() * t.element_size() for t in text)
+    assert fp8.weight_bytes(ck.config, torch.bfloat16) == want
+    plans = {q: memory.check_checkpoint(default_model_path(), dtype="bfloat16", device="cpu", max_num_seqs=1,
+                                        max_model_len=256, canvas_length=None, max_waiting=1, quantization=q)
+             for q in (None, "fp8")}
+    weights = {q: dict(p.parts)["weights"] for q, p in plans.items()}
+    assert weights["fp8"] == want and 0.5 < weights["fp8"] / weights[None] < 0.65
+    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": 256,
+                                 "text_config": release_26b_a4b_text()})
+    params = memory.count_parameters(cfg)
+    fp8_bytes = fp8.weight_bytes(cfg, torch.bfloat16)
+    for w, fits in ((None, False), (fp8_bytes, True)):
+        p = memory.plan(cfg, torch.bfloat16, device="cuda", max_num_seqs=1, max_model_len=4096, params=params,
+                        available=32 * memory.GiB, weight_bytes=w, batch_invariant=False)
+        assert p.fits == fits

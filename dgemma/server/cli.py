@@ -120,7 +120,7 @@ def build(config: ServerConfig):
         raise ValueError(f"the embedded default model is not installed ({path}): pass a MODEL folder or Hub id")
     if config.check_memory:
         plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
-                                       max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                                       quantization=config.quantization, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                                        canvas_length=config.canvas_length, max_waiting=config.max_waiting)
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,

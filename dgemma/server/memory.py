@@ -111,8 +111,9 @@ def _activation_bytes(t: TextConfig, rows: int, tokens_per_row: int, kv_len: int
 def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_seqs: int, max_model_len: int,
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
          batch_invariant: bool = True, params: int | None = None, available: int | None = -1,
-         extra: tuple[tuple[str, int], ...] = ()) -> MemoryPlan:
-    """The plan for one configuration. `available=-1` asks the device; pass a number to plan against it."""
+         extra: tuple[tuple[str, int], ...] = (), weight_bytes: int | None = None) -> MemoryPlan:
+    """The plan for one configuration. `available=-1` asks the device; pass a number to plan against it.
+    `weight_bytes` replaces params x dtype size (FP8 weights: fp8.weight_bytes)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(cfg) if params is None else params
@@ -120,7 +121,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     rows_per_slab = min(S, max(1, logits_budget_bytes // row_bytes))
     chunk = min(prefill_chunk, max_model_len)
     parts = (
-        ("weights", params * elem),
+        ("weights", params * elem if weight_bytes is None else weight_bytes),
         ("KV cache", KVCache.bytes_needed(t, S, max_model_len, dtype)),
         ("denoising state (canvas, self-cond.)", S * C * (8 + 8 + t.hidden_size * elem) + S * 8),
         ("logits slab", rows_per_slab * row_bytes),
@@ -145,7 +146,7 @@ def largest_fitting(make_plan, upper: int) -> int:
 
 
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
-                     canvas_length: int | None, max_waiting: int) -> MemoryPlan:
+                     canvas_length: int | None, max_waiting: int, quantization: str | None = None) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit."""
     from ..checkpoint import parse_dtype
 
@@ -157,10 +158,13 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     params = count_parameters(cfg)
     available = available_bytes(device)
     extra = vision_parts(Path(path), cfg, want)  # [vision]
+    from .. import fp8
+    scheme = fp8.Fp8Scheme.from_config(cfg.raw) or (fp8.Fp8Scheme() if quantization == "fp8" else None)
+    weights = None if scheme is None else fp8.weight_bytes(cfg, want, scheme)  # FP8 weights: 1 byte + scales
 
     def make(s: int) -> MemoryPlan:
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len,
-                    max_waiting=max_waiting, params=params, available=available, extra=extra)
+                    max_waiting=max_waiting, params=params, available=available, extra=extra, weight_bytes=weights)
 
     p = make(max_num_seqs)
     if not p.fits:
