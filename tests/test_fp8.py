@@ -205,6 +205,9 @@ def test_fp8_model_saves_as_compressed_tensors_and_reloads_identically(tmp_path)
     for (name, a), b in zip(q.model.state_dict().items(), again.model.state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     assert torch.equal(decoder_logits(again.model), decoder_logits(q.model))
+    checkpoint.save(q.model, tmp_path / "shards", max_shard_bytes=20_000)  # expert pieces spread over many shards
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 5
+    assert torch.equal(decoder_logits(checkpoint.load(tmp_path / "shards").model), decoder_logits(q.model))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
