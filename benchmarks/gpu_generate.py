@@ -3,6 +3,7 @@
     python benchmarks/gpu_generate.py                          # batches 1 and 8, fast mode, bf16 (fits an 80 GB card)
     python benchmarks/gpu_generate.py --compile                # with EngineConfig.compile, where the engine has it
     python benchmarks/gpu_generate.py --batch-invariant        # exact mode instead of the server's fast mode
+    python benchmarks/gpu_generate.py --quantization fp8       # FP8 weights (dgemma/fp8.py), quantised on the device
     python benchmarks/gpu_generate.py --device cpu --tiny --layers 6 --experts 8 --prompt 32 --new-tokens 32 \
         --steps 2 --batches 1 2 --peak-tbps 0.05               # a dry run of the same code on the CPU (tests/)
 
@@ -166,8 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a dry run of the script)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (hidden 64, vocab 4096): for dry runs")
     ap.add_argument("--peak-tbps", type=float, help="peak memory bandwidth in TB/s (default: from the GPU's name)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_generate.json"))
+    ap.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantised after materialising")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/gpu_generate[_fp8].json")
     args = ap.parse_args(argv)
+    args.out = args.out or str(Path(__file__).parent / "results" /
+                               f"gpu_generate{'_' + args.quantization if args.quantization else ''}.json")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_generate.py needs a CUDA GPU (or --device cpu --tiny for a dry run)")
@@ -181,9 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not p.fits:
             raise SystemExit(f"batch {b} does not fit on {name}:\n{p.describe()}")
     model = materialise(cfg, device)
+    if args.quantization == "fp8":  # tensor by tensor, on the device; the floor then counts FP8 bytes
+        from dgemma import fp8
+        fp8.quantize_model(model)
     results = {"device": name, "peak_bandwidth_bytes_s": peak, "layers": args.layers, "experts": args.experts,
                "vocab": V, "prompt": args.prompt, "new_tokens_per_request": args.new_tokens,
                "steps_per_canvas": args.steps, "batch_invariant": args.batch_invariant, "compile": args.compile,
+               "quantization": args.quantization,
                "weight_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
                "bytes_per_step_all_experts_gb": step_bytes(model) / 1e9, "batches": {}}
     g = torch.Generator().manual_seed(0)
@@ -223,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
 
     mode = "exact (batch-invariant)" if args.batch_invariant else "fast"
-    print(f"\n{name}, {mode} mode{', compiled' if args.compile else ''}, {results['weight_gb']:.1f} GB of bf16 "
-          f"weights, {results['bytes_per_step_all_experts_gb']:.1f} GB read per step (all experts)")
+    print(f"\n{name}, {mode} mode{', compiled' if args.compile else ''}, {results['weight_gb']:.1f} GB of "
+          f"{args.quantization or 'bf16'} weights, {results['bytes_per_step_all_experts_gb']:.1f} GB read per step (all experts)")
     head = f"{'batch':>5} | {'tok/s':>8} | {'ms/step':>8} | {'floor tok/s':>11} | {'of floor':>8} | {'experts hit':>11}"
     print(head + "\n" + "-" * len(head))
     for b, r in results["batches"].items():

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8
+
 _state = threading.local()
 
 DENSE_TILE = 64  # rows per kernel call for the dense layers
@@ -68,11 +70,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tile: int | None = None) -> to
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 fp8_activations: bool = False) -> torch.Tensor:
+    """The fast path's product with fused weights (model.fuse_linears): F.linear, or for FP8 weights (their scales
+    fused alongside, `fuse_scales`) the FP8 GEMM where it runs and the dequantised weight elsewhere."""
+    if scale is None:
+        return F.linear(x, weight)
+    if fp8_activations and fp8.scaled_mm_ok(x, weight):
+        return fp8.scaled_linear(x, weight, scale)
+    return F.linear(x, fp8.dequantize(weight, scale, x.dtype))
+
+
+def fuse_scales(linears: list["Linear"]) -> torch.Tensor | None:
+    """The FP8 scales of `linears` as one [rows, 1] tensor, each layer's `weight_scale` re-pointed at its rows (the
+    companion of model.fuse_linears); None for float layers."""
+    if linears[0].weight_scale is None:
+        return None
+    fused = torch.cat([lin.weight_scale for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight_scale.shape[0]
+        lin.weight_scale = fused[start:start + n]
+        start += n
+    return fused
+
+
 class Linear(nn.Linear):
-    """nn.Linear (no bias) that honours batch-invariant mode."""
+    """nn.Linear (no bias) that honours batch-invariant mode. An FP8 layer (fp8.prepare) holds a float8 weight and
+    `weight_scale` [out, 1]: fast mode on a capable GPU runs an FP8 GEMM, elsewhere the weight is dequantised per use."""
+
+    fp8_activations = False  # FP8 layer: quantise activations per token for the FP8 GEMM (fp8.prepare sets it)
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("weight_scale", None)  # [out, 1] fp32 on FP8 layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        if self.weight_scale is None:
+            return linear(x, self.weight)
+        if self.fp8_activations and not enabled() and fp8.scaled_mm_ok(x, self.weight):
+            return fp8.scaled_linear(x, self.weight, self.weight_scale)
+        return linear(x, fp8.dequantize(self.weight, self.weight_scale, x.dtype))

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import fp8
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .model import DiffusionGemma
 
@@ -112,12 +113,25 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX} found")
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype."""
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+         quantization: str | None = None) -> Checkpoint:
+    """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype (of the tensors that
+    are not FP8). A compressed-tensors FP8 checkpoint loads in FP8; `quantization="fp8"` quantises a float one
+    tensor by tensor as it loads (fp8.py)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
+    if quantization not in (None, "none", "fp8"):
+        raise ValueError(f"quantization must be fp8 or none; got {quantization!r}")
     config = ModelConfig.from_file(path / "config.json")
+    try:
+        scheme = fp8.Fp8Scheme.from_config(config.raw)  # the checkpoint is FP8 already
+    except fp8.Fp8FormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    quantize = scheme is None and quantization == "fp8"
+    if quantize:
+        scheme = fp8.Fp8Scheme()
+        config = replace(config, raw={**config.raw, "quantization_config": scheme.to_config()})
     generation = GenerationConfig.from_file(path / "generation_config.json")
     files = weight_files(path)
     want = parse_dtype(dtype)
@@ -127,19 +141,26 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         vision = _vision_for(config, files)
         if vision is not None:
             model.vision = vision
+        scales = fp8.prepare(model, scheme, to_checkpoint_name) if scheme is not None else []
     expected = {to_checkpoint_name(n): n for n in list(dict(model.named_parameters())) +
                 [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
+    if quantize:  # the scales are computed, not read
+        for n in scales:
+            del expected[to_checkpoint_name(n)]
+    experts = fp8.ExpertStacker() if scheme is not None and not quantize else None
     found: set[str] = set()
     unexpected, passthrough = [], {}
     progress = _progress(files)
     try:
         for file in files:
-            _load_file(model, file, expected, want, found, unexpected, passthrough)
+            _load_file(model, file, expected, want, found, unexpected, passthrough, experts)
             if progress is not None:
                 progress.advance(progress.task_ids[0], file.stat().st_size)
     finally:
         if progress is not None:
             progress.stop()
+    if experts is not None:
+        found |= {to_checkpoint_name(n) for n in experts.complete(model)}
     missing = sorted(set(expected) - found)
     if missing or unexpected:
         parts = []
@@ -154,10 +175,13 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model.reset_rope()  # non-persistent buffers are still on the meta device
     model.to(device)
     model.eval()
+    if scheme is not None:
+        fp8.prime(device)
     return Checkpoint(model, config, generation, path, passthrough)
 
 
-def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: list, passthrough: dict) -> None:
+def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: list, passthrough: dict,
+               experts: fp8.ExpertStacker | None = None) -> None:
     """Move one shard's tensors into the meta-device model (vision tensors are only noted, for save)."""
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
@@ -168,13 +192,52 @@ def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: 
             if name == "lm_head.weight":
                 continue  # tied to the embedding; some exporters write it anyway
             if name not in expected:
-                if name.startswith(_VISION):
+                m = experts is not None and fp8.ExpertStacker.PATTERN.match(name)
+                if m and from_checkpoint_name(m["module"]) is not None:
+                    try:
+                        experts.take(model, from_checkpoint_name(m["module"]), int(m["e"]),
+                                     m["proj"], m["kind"], _read(f, name, file, None))
+                    except (ValueError, AttributeError) as e:
+                        raise CheckpointError(f"{file}: tensor {name}: {e}") from None
+                elif name.startswith(_VISION):
                     passthrough[name] = file  # not modelled by dgemma: kept for save
                 else:
                     unexpected.append(name)
                 continue
-            _assign(model, expected[name], _read(f, name, file, want), name, file)
+            _assign_fp8(model, expected[name], f, name, file, want)
             found.add(name)
+
+
+def _assign_fp8(model, pname: str, f, name: str, file: Path, want) -> None:
+    """Assign one tensor; FP8 destinations take an FP8 weight and its scale as they are (the scale as fp32 [out, 1]),
+    or a float weight quantised here (its scale computed alongside)."""
+    mod_name, _, attr = pname.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    cur = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    is_scale = attr in fp8.SCALES and attr in mod._buffers
+    if cur is None or not (fp8.is_quantized(cur) or is_scale):
+        t = _read(f, name, file, want)
+        if fp8.is_quantized(t):
+            raise CheckpointError(f"{file}: tensor {name} is FP8, but config.json has no FP8 quantization_config "
+                                  "that covers it (is it on the ignore list?)")
+        return _assign(model, pname, t, name, file)
+    if fp8.is_quantized(cur) and not is_scale and f.get_slice(name).get_dtype() != "F8_E4M3":  # quantise here
+        try:
+            t, scale = fp8.quantize_from_file(file, name)
+        except (ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
+        if tuple(t.shape) != tuple(cur.shape):
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(cur.shape)}")
+        mod._buffers[attr + fp8.SCALE_SUFFIX] = scale
+        return _assign(model, pname, t, name, file)
+    t = _read(f, name, file, None)
+    if is_scale:
+        try:
+            t = fp8.channel_scale(t, cur.shape[-2])
+        except ValueError as e:
+            raise CheckpointError(f"{file}: tensor {name}: {e}") from None
+    _assign(model, pname, t, name, file)
 
 
 def _vision_for(config: ModelConfig, files: list[Path]):
@@ -218,9 +281,9 @@ def _read(f, name: str, file: Path, want: torch.dtype | None) -> torch.Tensor:
         t = f.get_tensor(name)
     except Exception as e:
         raise CheckpointError(f"{file}: tensor {name} cannot be read ({e}); the file may be truncated") from None
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES and t.dtype != fp8.FP8:
         raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
-    return t if want is None or t.dtype == want else t.to(want)
+    return t if want is None or fp8.is_quantized(t) or t.dtype == want else t.to(want)
 
 
 def _assign(model: nn.Module, pname: str, t: torch.Tensor, name: str, file: Path) -> None:
@@ -244,12 +307,15 @@ def save(model: DiffusionGemma, out: str | Path, generation: GenerationConfig | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {to_checkpoint_name(n): t for n, t in model.state_dict().items() if "inv_freq" not in n}
+        tensors = {}
+        for n, t in model.state_dict().items():
+            if "inv_freq" not in n:
+                tensors.update(fp8.checkpoint_layout(to_checkpoint_name(n), t))  # FP8 experts: per-expert weights
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):
             t = tensors[name].detach()
-            if dtype is not None:
+            if dtype is not None and not fp8.is_quantized(t) and not name.endswith("weight_scale"):
                 t = t.to(dtype)
             t = t.contiguous().cpu()
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():

@@ -1,4 +1,4 @@
-"""The `dgemma` command: generate, serve, train, sudoku.
+"""The `dgemma` command: generate, serve, train, sudoku, export.
 
     dgemma generate "To be, or not to be"                  # embedded default model, live canvas view
     dgemma generate --model google/diffusiongemma-26B-A4B-it --chat "Hello" --json
@@ -6,6 +6,7 @@
     dgemma plan google/diffusiongemma-26B-A4B-it --max-model-len 262144 --gpu-memory-gib 80 --json
     dgemma train --config cfg.json --data text:corpus.txt --tokenizer DIR --out runs/x
     dgemma sudoku solve 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
+    dgemma export MODEL OUT --quantization fp8
 
 Every multi-word flag also takes underscores (`--max_new_tokens`). Errors print one line and exit non-zero.
 """
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "plan": ("print the serving memory plan of a model (no weights loaded)", "dgemma.plan", "main"),
     "train": ("train or fine-tune a block-diffusion model", "dgemma.train.cli", "main"),
     "sudoku": ("train, evaluate and run the Sudoku solver", "dgemma.sudoku.cli", "main"),
+    "export": ("write a checkpoint in another form (e.g. --quantization fp8)", "dgemma.export", "main"),
 }
 
 
@@ -80,6 +82,8 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--model", help="checkpoint folder or Hugging Face Hub id (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: hold the weights in FP8, quantised as they load (FP8 checkpoints need no flag)")
     add_mode_flags(p)
 
 
@@ -144,7 +148,7 @@ def generate_main(argv: list[str]) -> int:
     check_device(args.device)
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_invariant=args.batch_invariant,
-              compile=args.compile)
+              compile=args.compile, quantization=args.quantization)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))

@@ -6,7 +6,8 @@
     print(out.text, out.steps_per_canvas, out.tokens_per_forward)
 
 `LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
-`LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
+`LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
+FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
 (`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a vision tower.
 """
 
@@ -35,9 +36,9 @@ class LLM:
                  device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  canvas_length: int | None = None, max_denoising_steps: int | None = None,
                  logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, quantization: str | None = None):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
-        ck = checkpoint.load(path, dtype=dtype, device=device)
+        ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization)
         if canvas_length is not None and canvas_length != ck.config.canvas_length:
             ck.model.config = ck.config = ck.config.with_canvas_length(canvas_length)
         self.checkpoint, self.model, self.config = ck, ck.model, ck.config

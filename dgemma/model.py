@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_invariant import Linear, linear
+from .batch_invariant import Linear, fuse_scales, fused_linear, linear
 from .config import FULL, SLIDING, ModelConfig, TextConfig
 from . import batch_invariant
 from .moe import MLP, Experts, RMSNorm, Router, rms_norm
@@ -74,17 +74,20 @@ class SelfAttention(nn.Module):
 
     fused: torch.Tensor | None = None  # [(Hq + Hkv (+ Hkv)) * d, H]: q/k(/v) weights as one matrix (fast path)
     fused_norm: torch.Tensor | None = None  # [Hq + Hkv (+ Hkv), d]: q_norm, k_norm (and 1 for v) weights per head
+    fused_scale: torch.Tensor | None = None  # [(Hq + Hkv (+ Hkv)) * d, 1]: FP8 weight scales of `fused` (fp8.py)
 
     def fuse(self) -> None:
-        """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent."""
+        """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent. FP8 layers
+        (fp8.py) fuse their scales alongside."""
         if self.fused is not None and self.q_proj.weight.data_ptr() == self.fused.data_ptr():
             return
         linears = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
         self.fused = fuse_linears(linears)
+        self.fused_scale = fuse_scales(linears)
         d = self.head_dim
         norms = [self.q_norm.weight.detach().expand(self.heads, d), self.k_norm.weight.detach().expand(self.kv_heads, d)]
         if self.v_proj is not None:
-            norms.append(torch.ones(self.kv_heads, d, dtype=self.fused.dtype, device=self.fused.device))
+            norms.append(torch.ones(self.kv_heads, d, dtype=self.q_norm.weight.dtype, device=self.fused.device))
         self.fused_norm = torch.cat(norms)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -94,7 +97,8 @@ class SelfAttention(nn.Module):
             # Fast path: one GEMM, one norm (per-head weights after it), one RoPE over q and k together. Full
             # layers have no v_proj: V is the scale-free norm of the raw K, i.e. the normed K before its weight.
             hq, hkv = self.heads, self.kv_heads
-            normed = rms_norm(F.linear(x, self.fused).view(t, -1, d), None, self.q_norm.eps)
+            qkv = fused_linear(x, self.fused, self.fused_scale, self.q_proj.fp8_activations)
+            normed = rms_norm(qkv.view(t, -1, d), None, self.q_norm.eps)
             qk = apply_rope_fused((normed * self.fused_norm)[:, :hq + hkv], cos, sin)
             v = normed[:, hq + hkv:] if self.v_proj is not None else normed[:, hq:]
             return qk[:, :hq], qk[:, hq:], v

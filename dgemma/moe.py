@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batch_invariant
+from . import batch_invariant, fp8
 from .batch_invariant import EXPERT_TILE, Linear, linear
 from .config import TextConfig
 
@@ -62,16 +62,20 @@ class MLP(nn.Module):
         self.down_proj = Linear(inner, hidden)
 
     fused: torch.Tensor | None = None  # [2 * inner, hidden]: gate rows then up rows (fast path)
+    fused_scale: torch.Tensor | None = None  # [2 * inner, 1]: their FP8 scales (fp8.py)
 
     def fuse(self) -> None:
-        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent."""
+        """One GEMM for gate and up in the fast path (see model.fuse_linears); idempotent. FP8 layers fuse their
+        scales alongside."""
         if self.fused is None or self.gate_proj.weight.data_ptr() != self.fused.data_ptr():
             from .model import fuse_linears
             self.fused = fuse_linears([self.gate_proj, self.up_proj])
+            self.fused_scale = batch_invariant.fuse_scales([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and not batch_invariant.enabled():
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            gate, up = batch_invariant.fused_linear(x, self.fused, self.fused_scale,
+                                                    self.gate_proj.fp8_activations).chunk(2, dim=-1)
             return self.down_proj(gelu_tanh(gate) * up)
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
@@ -110,6 +114,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))  # [E, gate rows | up rows, H]
         self.down_proj = nn.Parameter(torch.empty(e, h, m))  # [E, H, M]
         self._ends: torch.Tensor | None = None  # 1..E, the group ends searched for in the sorted ids (made once)
+        self.register_buffer("gate_up_proj_scale", None)  # [E, 2M, 1] fp32 when the experts are FP8 (fp8.py)
+        self.register_buffer("down_proj_scale", None)  # [E, H, 1] fp32 when the experts are FP8
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; each token goes through its k experts; outputs are weighted and summed.
@@ -130,6 +136,13 @@ class Experts(nn.Module):
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
         w1, w2 = self.gate_up_proj, self.down_proj
+        s1 = s2 = None
+        if self.gate_up_proj_scale is not None:
+            # FP8 (fp8.py): the cast to the activation dtype is exact (e4m3 fits bf16/fp16/fp32); each expert's
+            # per-row weight scale multiplies its output columns after the GEMM (a gather of [S, N] scales), so no
+            # scaled copy of the stack is made: the GEMM reads the cast stack once.
+            w1, w2 = w1.to(xs.dtype), w2.to(xs.dtype)
+            s1, s2 = self.gate_up_proj_scale[ids, :, 0], self.down_proj_scale[ids, :, 0]
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
@@ -137,8 +150,8 @@ class Experts(nn.Module):
         if ends is None or ends.device != ids.device:
             ends = self._ends = torch.arange(1, w1.shape[0] + 1, device=ids.device)
         offs = torch.searchsorted(ids, ends, out_int32=True)
-        gate, up = _grouped_mm(xs, w1.transpose(1, 2), offs).chunk(2, dim=-1)
-        return _grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs)
+        gate, up = _scaled(_grouped_mm(xs, w1.transpose(1, 2), offs), s1).chunk(2, dim=-1)
+        return _scaled(_grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs), s2)
 
     def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
@@ -146,12 +159,21 @@ class Experts(nn.Module):
         ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                gate, up = linear(xs[start:start + c], self.gate_up_proj[e], EXPERT_TILE).chunk(2, dim=-1)
-                ys.append(linear(gelu_tanh(gate) * up, self.down_proj[e], EXPERT_TILE))
+                w1, w2 = self.gate_up_proj[e], self.down_proj[e]
+                if self.gate_up_proj_scale is not None:  # FP8: dequantise the experts hit, per use
+                    w1 = fp8.dequantize(w1, self.gate_up_proj_scale[e], xs.dtype)
+                    w2 = fp8.dequantize(w2, self.down_proj_scale[e], xs.dtype)
+                gate, up = linear(xs[start:start + c], w1, EXPERT_TILE).chunk(2, dim=-1)
+                ys.append(linear(gelu_tanh(gate) * up, w2, EXPERT_TILE))
                 start += c
         if not ys:
             return xs.new_empty(0, self.down_proj.shape[1])
         return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+def _scaled(y: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """y [S, N] times per-row FP8 weight scales gathered per token [S, N] (fp32, rounded once); None: y."""
+    return y if scale is None else (y.float() * scale).to(y.dtype)
 
 
 # MARK: grouped GEMM in any dtype

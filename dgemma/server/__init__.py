@@ -35,6 +35,7 @@ class ServerConfig:
     api_key: str | None = None
     dtype: str | None = None
     device: str = "cpu"
+    quantization: str | None = None  # "fp8": weights quantised as they load (fp8.py)
     max_model_len: int | None = None
     canvas_length: int | None = None
     max_denoising_steps: int | None = None

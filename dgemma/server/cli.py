@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model'")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: FP8 weights, quantised as they load")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -104,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, host=args.host, port=args.port, allowed_hosts=tuple(args.allowed_hosts or ()),
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-        max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
+        quantization=args.quantization, max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args),
@@ -131,13 +132,14 @@ def build(config: ServerConfig):
         raise ValueError(f"the embedded default model is not installed ({path}): pass a MODEL folder or Hub id")
     if config.check_memory:
         plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
-                                       max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                                       quantization=config.quantization, max_num_seqs=config.max_num_seqs,
+                                       max_model_len=config.max_model_len,
                                        canvas_length=config.canvas_length, max_waiting=config.max_waiting)
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
               max_denoising_steps=config.max_denoising_steps, batch_invariant=config.batch_invariant,
-              compile=config.compile)
+              compile=config.compile, quantization=config.quantization)
     # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
     llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)
     if config.diffusion_defaults:

@@ -193,10 +193,12 @@ def decode_workspace(t: TextConfig, rows: int, max_model_len: int, canvas: int, 
 def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_seqs: int, max_model_len: int,
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
          batch_invariant: bool = True, cuda_graphs: bool = False, params: int | None = None,
-         available: int | None = -1, extra: tuple[tuple[str, int], ...] = ()) -> MemoryPlan:
+         available: int | None = -1, extra: tuple[tuple[str, int], ...] = (),
+         weight_bytes: int | None = None) -> MemoryPlan:
     """The plan for one configuration (module doc). `available=-1` asks the device; pass a number to plan against
     it. `batch_invariant` picks the engine mode (exact: True, fast: False); `cuda_graphs`: the fast step is
-    captured (fast mode on CUDA by default)."""
+    captured (fast mode on CUDA by default). `weight_bytes` replaces params x dtype size (FP8 weights:
+    fp8.weight_bytes)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(cfg) if params is None else params
@@ -210,7 +212,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
         workspace = max(workspace, decode_workspace(t, S, max_model_len, C, elem))
     full, sliding = kv_bytes_per_position(t, elem)
     parts = [
-        ("weights", params * elem),
+        ("weights", params * elem if weight_bytes is None else weight_bytes),
         ("KV cache", kv_slot * S),
         ("attention workspace", workspace),
         ("activations of one forward", _activation_bytes(t, S * new)),
@@ -281,7 +283,7 @@ def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
 
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
                      canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
-                     available: int | None = -1) -> MemoryPlan:
+                     available: int | None = -1, quantization: str | None = None) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit."""
     from ..checkpoint import parse_dtype
 
@@ -295,10 +297,15 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
         available = available_bytes(device)
     extra = vision_parts(Path(path), cfg, want)  # [vision]
     bi, graphs = engine_mode(device, batch_invariant)
+    from .. import fp8
+
+    scheme = fp8.Fp8Scheme.from_config(cfg.raw) or (fp8.Fp8Scheme() if quantization == "fp8" else None)
+    weights = None if scheme is None else fp8.weight_bytes(cfg, want, scheme)  # FP8 weights: 1 byte + scales
 
     def make(s: int) -> MemoryPlan:
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len, max_waiting=max_waiting,
-                    params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs)
+                    params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs,
+                    weight_bytes=weights)
 
     p = make(max_num_seqs)
     if not p.fits:
