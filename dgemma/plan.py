@@ -82,6 +82,7 @@ class PlanRequest:
     cuda_graphs: bool = True
     prefill_chunk: int = 2048
     max_waiting: int = 64
+    quantization: str | None = None  # "fp8": FP8 weights (docs/fp8.md); an FP8 config is planned as FP8 anyway
 
 
 def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
@@ -97,12 +98,16 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
              else memory.vision_parts_from_config(cfg, req.dtype))
     available = int(req.gpu_memory_gib * GiB)
     graphs = req.cuda_graphs and not req.batch_invariant
+    from . import fp8
+
+    scheme = fp8.Fp8Scheme.from_config(cfg.raw) or (fp8.Fp8Scheme() if req.quantization == "fp8" else None)
+    weights = None if scheme is None else fp8.weight_bytes(cfg, req.dtype, scheme)
 
     def make(s: int, max_len: int = req.max_model_len) -> memory.MemoryPlan:
         return memory.plan(cfg, req.dtype, device="cuda", max_num_seqs=s, max_model_len=max_len,
                            max_waiting=req.max_waiting, prefill_chunk=req.prefill_chunk,
                            batch_invariant=req.batch_invariant, cuda_graphs=graphs, params=params,
-                           available=available, extra=extra)
+                           available=available, extra=extra, weight_bytes=weights)
 
     p = make(req.max_num_seqs)
     full_fit = memory.largest_fitting(make, _FIT_LIMIT)
@@ -194,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast mode: the decode step is captured as CUDA graphs (the CUDA default)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens a request encodes per step")
     p.add_argument("--max-waiting", type=int, default=64)
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="plan FP8 weights (as `serve --quantization fp8` loads them)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if dtype is None:
             raise ValueError("--dtype auto needs weights: pass bfloat16, float16 or float32")
         req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
-                          args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting)
+                          args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting,
+                          args.quantization)
         plan = make_plan(find_config(args.model), req)
     except (ConfigError, ValueError) as e:
         print(f"dgemma plan: error: {e}", file=sys.stderr)

@@ -227,3 +227,21 @@ def test_serve_and_plan_make_the_same_plan(ckpt, capsys):
     exact = memory.check_checkpoint(ckpt, dtype="float32", device="cpu", max_num_seqs=2, max_model_len=512,
                                     canvas_length=None, max_waiting=64, available=GiB)
     assert exact.mode == "exact" and "queued and running prompts" in dict(exact.parts)
+
+
+def test_plan_cli_counts_fp8_weights(capsys):
+    """`--quantization fp8` plans the FP8 layout (fp8.weight_bytes): about half the bf16 weights, the rest equal."""
+    from dgemma import fp8
+
+    args = ["plan", "google/diffusiongemma-26B-A4B-it", "--max-model-len", "262144", "--max-num-seqs", "1",
+            "--gpu-memory-gib", "80", "--dtype", "bfloat16", "--json"]
+    plans = []
+    for extra in ([], ["--quantization", "fp8"]):
+        assert dgemma_main(args + extra) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    bf16, f8 = ({c["name"]: c["bytes"] for c in p["components"]} for p in plans)
+    cfg = plan_cli.find_config("google/diffusiongemma-26B-A4B-it").config
+    assert f8["weights"] == fp8.weight_bytes(cfg, torch.bfloat16, fp8.Fp8Scheme())
+    assert 0.45 < f8["weights"] / bf16["weights"] < 0.55
+    assert {k: v for k, v in f8.items() if k != "weights"} == {k: v for k, v in bf16.items() if k != "weights"}
+    assert plans[1]["full_length_requests_fit"] > plans[0]["full_length_requests_fit"]

@@ -134,7 +134,8 @@ def build(config: ServerConfig):
         plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
                                        quantization=config.quantization, max_num_seqs=config.max_num_seqs,
                                        max_model_len=config.max_model_len,
-                                       canvas_length=config.canvas_length, max_waiting=config.max_waiting)
+                                       canvas_length=config.canvas_length, max_waiting=config.max_waiting,
+                                       batch_invariant=config.batch_invariant)
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
