@@ -100,8 +100,7 @@ class CounterDraws:
     """A `sampler.DrawSource` whose calls are numbered from per-row counters; it never changes them.
 
     `keys` are the rows' `seed_keys`. Call k made on this object (k = 0, 1, ...) reads draw number `counters + k`.
-    The engine builds one per denoising step over its counter buffer and advances that buffer itself (only for the
-    rows that really stepped)."""
+    (The engine's fast step uses `StepDraws`, with the keys of its two draws computed on the host.)"""
 
     def __init__(self, keys: Tensor, counters: Tensor):
         self.keys, self.counters, self.calls = keys, counters, 0

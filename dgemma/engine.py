@@ -389,7 +389,8 @@ class Engine:
 
     def _fast_step(self, b: int, key_lens: tuple[tuple[int, int], ...], max_top_k: int, use_top_p: bool,
                    trace: bool = False) -> torch.Tensor:
-        """Decode slots [0, b), sample, and update their state in place where the slot is denoising.
+        """Decode slots [0, b), sample, and update their state in place (what a slot that is not denoising computed
+        is never read: `_start_canvas` rewrites it).
 
         Returns one tensor for one read-back (the host reads only the rows that denoised): [b, C + 1] int64, the
         argmax canvas and the done flag; with `trace`, [b, 2C + 2] fp32 (fp64 past a 2**24 vocabulary) that also
@@ -420,7 +421,7 @@ class Engine:
             return getattr(parts[0], name) if len(parts) == 1 else torch.cat([getattr(r, name) for r in parts])
 
         # Rows whose slot is not denoising computed garbage: canvas, argmax, run, steps and signal of such a slot are
-        # all rewritten by `_start_canvas` before it denoises again, so only its draw counter and flag are masked.
+        # all rewritten by `_start_canvas` before it denoises again, so only its `denoising` flag is masked.
         act = self.denoising[:b]
         argmax, done = field("argmax"), field("done")
         self.canvas[:b].copy_(field("canvas"))

@@ -22,8 +22,8 @@ matmul is a GEMM whose rounding depends on its row count, and on CUDA so do long
 slab shape. With one canvas row per slab (the default at the released size) a row's results are exactly HF's at
 batch size 1 and never depend on batch mates; more rows per slab read the embedding matrix fewer times.
 
-Randomness comes from a `DrawSource` with one generator per request, so a request's output depends only on its own
-seed. The categorical draw uses inverse-CDF with one uniform per position: it is chunk-invariant, needs C numbers
+Randomness comes from a `DrawSource`: one generator per request (`PerRequestDraws`, the exact mode) or counter-based
+draws keyed by seed and draw number (`draws.py`, the fast mode), so a request's output depends only on its own seed. The categorical draw uses inverse-CDF with one uniform per position: it is chunk-invariant, needs C numbers
 per step instead of C x V, and can be replayed into HF (see docs/hf_generate_notes.md, "Parity design").
 
 Frozen rows: the engine calls `step` only for rows still denoising. A row whose `done` flag is set keeps its last
