@@ -79,8 +79,9 @@ class SelfAttention(nn.Module):
     def fuse(self) -> None:
         """One GEMM and one norm for q, k and v in the fast path (see `fuse_linears`); idempotent. FP8 layers
         (fp8.py) fuse their scales alongside."""
-        if self.fused is not None and self.q_proj.weight.data_ptr() == self.fused.data_ptr():
-            return
+        state = self._fuse_state()
+        if self.fused is not None and state == self._fused_state:
+            return  # weights still views of `fused`, norm weights unchanged since `fused_norm` was built
         linears = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
         self.fused = fuse_linears(linears)
         self.fused_scale = fuse_scales(linears)
@@ -89,13 +90,22 @@ class SelfAttention(nn.Module):
         if self.v_proj is not None:
             norms.append(torch.ones(self.kv_heads, d, dtype=self.q_norm.weight.dtype, device=self.fused.device))
         self.fused_norm = torch.cat(norms)
+        self._fused_state = self._fuse_state()
+
+    _fused_state: tuple = ()
+
+    def _fuse_state(self) -> tuple:
+        """What `fuse` depends on: where the q weights live, and the norm weights' storage and in-place versions."""
+        qn, kn = self.q_norm.weight, self.k_norm.weight
+        return self.q_proj.weight.data_ptr(), qn.data_ptr(), qn._version, kn.data_ptr(), kn._version
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, H] -> q [T, Hq, d], k [T, Hkv, d], v [T, Hkv, d]."""
         t, d = x.shape[0], self.head_dim
-        if self.fused is not None and not batch_invariant.enabled():
-            # Fast path: one GEMM, one norm (per-head weights after it), one RoPE over q and k together. Full
-            # layers have no v_proj: V is the scale-free norm of the raw K, i.e. the normed K before its weight.
+        if self.fused is not None and not batch_invariant.enabled() and not torch.is_grad_enabled():
+            # Fast path (inference only: `fused` is no parameter): one GEMM, one norm (per-head weights after it),
+            # one RoPE over q and k together. Full layers have no v_proj: V is the scale-free norm of the raw K, i.e.
+            # the normed K before its weight.
             hq, hkv = self.heads, self.kv_heads
             qkv = fused_linear(x, self.fused, self.fused_scale, self.q_proj.fp8_activations)
             normed = rms_norm(qkv.view(t, -1, d), None, self.q_norm.eps)

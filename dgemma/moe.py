@@ -73,7 +73,7 @@ class MLP(nn.Module):
             self.fused_scale = batch_invariant.fuse_scales([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and not batch_invariant.enabled():
+        if self.fused is not None and not batch_invariant.enabled() and not torch.is_grad_enabled():
             gate, up = batch_invariant.fused_linear(x, self.fused, self.fused_scale,
                                                     self.gate_proj.fp8_activations).chunk(2, dim=-1)
             return self.down_proj(gelu_tanh(gate) * up)

@@ -125,3 +125,41 @@ def test_fast_mode_traces_every_step(models):
     alone = engine(model).run([(PROMPTS[1], SamplingParams(max_new_tokens=2 * C, seed=9, ignore_eos=True,
                                                            entropy_bound=0.1, **KNOBS))])[0]
     assert alone.token_ids == traced.token_ids  # tracing changes nothing
+
+
+def test_fused_projections_follow_weight_updates_and_leave_training_alone(models):
+    """The fast path's fused q/k/v, gate/up and per-head norm weights track in-place weight updates, and training
+    (autograd on) never takes the fused path, so gradients reach every checkpoint parameter."""
+    from dgemma.kv_cache import EncodeSegment, KVCache
+
+    _, model = models
+    model.fuse_projections()
+    attn = model.layers[0].self_attn
+    prompt = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        kv = KVCache(model.text, 1, 64)
+        hidden = model([EncodeSegment(kv, prompt, [0])])[0]
+        attn.q_norm.weight.mul_(1.5)  # e.g. an optimizer step
+        model.fuse_projections()
+        kv = KVCache(model.text, 1, 64)
+        moved = model([EncodeSegment(kv, prompt, [0])])[0]
+        from dgemma import batch_invariant
+        with batch_invariant.mode(True):
+            kv = KVCache(model.text, 1, 64)
+            exact = model([EncodeSegment(kv, prompt, [0])])[0]
+        attn.q_norm.weight.div_(1.5)
+        model.fuse_projections()
+    assert not torch.equal(hidden, moved)
+    torch.testing.assert_close(moved, exact, rtol=1e-4, atol=1e-5)
+    trainable = [p for p in model.parameters() if not p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        kv = KVCache(model.text, 1, 64)
+        model([EncodeSegment(kv, prompt, [0])])[0].sum().backward()
+        grads = [attn.q_proj.weight.grad, attn.k_proj.weight.grad, model.layers[0].mlp.gate_proj.weight.grad]
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in trainable:
+            p.requires_grad_(False)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
