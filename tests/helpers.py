@@ -106,6 +106,17 @@ def make_tiny_checkpoint(path: Path, canvas_length: int = 16, seed: int = 0, num
     return path
 
 
+def read_all(path: Path) -> dict:
+    """Every tensor of a checkpoint folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 # MARK: generation parity
 
 GEN_CANVAS, GEN_STEPS = 8, 10  # the generation parity model's canvas and step cap

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_hf_model, tiny_text_config
+from helpers import make_hf_model, read_all, tiny_text_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -16,14 +16,6 @@ from dgemma.model import DiffusionGemma
 
 transformers = pytest.importorskip("transformers")
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion  # noqa: E402
-
-
-def read_all(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def test_transformers_to_dgemma_to_transformers_keeps_every_tensor(tmp_path):

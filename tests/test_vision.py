@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import make_hf_model
+from helpers import make_hf_model, read_all
 from safetensors import safe_open
 from vision_helpers import MAX_SOFT_TOKENS, TINY_VISION, hf_processor, make_hf_vlm, picture
 
@@ -25,14 +25,6 @@ PROC = ip.ImageProcessorConfig(patch_size=4, pooling_kernel_size=3, max_soft_tok
 # target size (no resize), tiny (upscaled), grey, palette and transparent pictures.
 SIZES = [(50, 70, "RGB"), (90, 20, "RGB"), (64, 64, "RGB"), (8, 400, "RGB"), (300, 5, "RGB"), (72, 120, "RGB"),
          (3, 4, "RGB"), (41, 33, "L"), (60, 45, "P"), (37, 53, "RGBA")]
-
-
-def read_all(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def ours(images, cfg=PROC):
