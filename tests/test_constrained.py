@@ -1,0 +1,140 @@
+"""Constrained decoding (dgemma/constraint.py, docs/constrained.md) with the embedded default model, which writes no
+JSON by itself: every output satisfies its JSON schema / regex / choice, or ends with finish_reason "length"."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from dgemma.constraint import ConstraintError
+from dgemma.engine import Engine, EngineConfig
+from dgemma.llm import LLM
+from dgemma.sampling_params import SamplingParams
+
+SEEDS = range(20)
+FAST = dict(max_denoising_steps=6, max_new_tokens=128)  # few steps: validity does not depend on the step count
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "role": {"enum": ["king", "queen", "fool"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 1, "maxItems": 3},
+        "home": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                   "floor": {"type": "integer", "minimum": -2, "maximum": 9}},
+                 "required": ["city", "floor"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "tags", "home"],
+    "additionalProperties": False,
+}
+REGEX = r"[A-Z][a-z]{2,6} (of|the) [A-Z][a-z]{2,8}\."
+CHOICE = ["Romeo", "Juliet", "Mercutio", "the nurse"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM()
+
+
+def _run(llm, seeds, **constraint):
+    return llm.generate(["ROMEO:"] * len(seeds), [SamplingParams(seed=s, **FAST, **constraint) for s in seeds])
+
+
+def _tally(outs, valid):
+    """Every output is valid or ended by length; returns the number that ended by length."""
+    by_length = 0
+    for o in outs:
+        if o.finish_reason == "length":
+            by_length += 1
+        else:
+            assert o.finish_reason == "stop", o.finish_reason
+            assert valid(o.text), o.text
+    assert by_length < len(outs), "every output ran out of room: the test shows nothing"
+    return by_length
+
+
+def _valid_json(text):
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_json_schema_outputs_are_valid_or_end_by_length(llm):
+    _tally(_run(llm, SEEDS, json_schema=SCHEMA), _valid_json)
+
+
+def test_regex_outputs_match_or_end_by_length(llm):
+    _tally(_run(llm, SEEDS, regex=REGEX), lambda t: re.fullmatch(REGEX, t) is not None)
+
+
+def test_choice_outputs_are_one_of_the_choices(llm):
+    outs = _run(llm, SEEDS, choice=CHOICE)
+    assert _tally(outs, lambda t: t in CHOICE) == 0
+
+
+def test_unconstrained_default_model_writes_no_json(llm):
+    """The control: without the constraint the same requests are not JSON (so the constraint does the work)."""
+    outs = _run(llm, range(5))
+    assert not any(_valid_json(o.text) for o in outs)
+
+
+def test_constraint_spans_canvases_and_state_carries(llm):
+    """A schema whose shortest valid text is longer than a canvas (64 tokens) still ends valid: the matcher's state
+    carries from one commit to the next."""
+    schema = {"type": "object", "properties": {"line": {"type": "string", "minLength": 90, "maxLength": 100}},
+              "required": ["line"], "additionalProperties": False}
+    outs = llm.generate(["ROMEO:"] * 3, [SamplingParams(seed=s, json_schema=schema, max_denoising_steps=6,
+                                                        max_new_tokens=512) for s in range(3)])
+    for o in outs:
+        assert o.finish_reason == "stop" and len(o.canvases) >= 2, (o.finish_reason, len(o.canvases))
+        jsonschema.validate(json.loads(o.text), schema)
+
+
+def test_constrained_output_independent_of_batch_mates_and_reproducible(llm):
+    alone = _run(llm, [7], json_schema=SCHEMA)[0]
+    mates = [SamplingParams(seed=1, **FAST), SamplingParams(seed=7, **FAST, json_schema=SCHEMA),
+             SamplingParams(seed=3, **FAST, regex=REGEX), SamplingParams(seed=4, **FAST)]
+    together = llm.generate(["ROMEO:", "ROMEO:", "JULIET:", "To be"], mates)
+    assert together[1].token_ids == alone.token_ids
+    assert together[0].token_ids == _run(llm, [1])[0].token_ids  # an unconstrained mate is untouched too
+
+
+def test_fast_mode_runs_constrained_rows_on_the_per_row_path(llm):
+    """In fast mode (batch_invariant=False) a constrained request leaves the fixed-shape step: its rows are decoded
+    per row while its unconstrained batch mates take the fast step; both stay as they would be."""
+    eng = Engine(llm.model, eos_token_ids=sorted(llm.engine.eos_ids), pad_token_id=llm.engine.pad_id,
+                 defaults=llm.engine.defaults, tokenizer=llm.tokenizer,
+                 config=EngineConfig(max_num_seqs=4, batch_invariant=False))
+    prompt = llm.encode("ROMEO:")
+    plain = SamplingParams(seed=2, **FAST)
+    ref_plain = eng.run([(prompt, plain)])[0].token_ids
+    outs = eng.run([(prompt, SamplingParams(seed=s, json_schema=SCHEMA, **FAST)) for s in range(2)] + [(prompt, plain)])
+    for o in outs[:2]:
+        assert o.finish_reason == "length" or _valid_json(o.text), o.text
+    assert outs[2].token_ids == ref_plain
+    again = eng.run([(prompt, SamplingParams(seed=0, json_schema=SCHEMA, **FAST))])[0]
+    assert again.token_ids == outs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(json_schema={"type": "foo"}), "invalid json_schema"),
+    (dict(json_schema="{not json"), "not valid JSON"),
+    (dict(regex="[a-z"), "invalid regex"),
+    (dict(choice=[]), "non-empty list"),
+    (dict(choice=["a", ""]), "non-empty list"),
+    (dict(regex="a", choice=["a"]), "at most one"),
+    (dict(regex="a", stop=["x"]), "cannot be combined"),
+])
+def test_bad_constraints_are_rejected_early(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_constraint_error_is_a_value_error():
+    assert issubclass(ConstraintError, ValueError)
