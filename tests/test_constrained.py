@@ -138,3 +138,62 @@ def test_bad_constraints_are_rejected_early(kwargs, message):
 
 def test_constraint_error_is_a_value_error():
     assert issubclass(ConstraintError, ValueError)
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    import openai
+
+    from dgemma.server import ServerConfig, cli
+
+    _, app = cli.build(ServerConfig(model=None, max_num_seqs=4, max_model_len=512))
+    with cli.BackgroundServer(app) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+
+def _fmt(strict):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": strict}}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_server_response_format_json_schema(client, strict):
+    for seed in range(3):
+        r = client.chat.completions.create(model="dgemma-shakespeare", messages=[{"role": "user", "content": "Who?"}],
+                                           response_format=_fmt(strict), seed=seed, max_tokens=128,
+                                           extra_body={"max_denoising_steps": 6})
+        c = r.choices[0]
+        assert c.finish_reason == "length" or _valid_json(c.message.content), c.message.content
+
+
+def test_server_streams_valid_json_and_takes_vllm_fields(client):
+    seen = 0
+    for seed, fmt in [(0, _fmt(True)), (1, _fmt(True)), (2, {"type": "json_object"})]:
+        stream = client.chat.completions.create(
+            model="dgemma-shakespeare", messages=[{"role": "user", "content": "Speak"}], stream=True, seed=seed,
+            response_format=fmt, max_tokens=128, extra_body={"max_denoising_steps": 6})
+        chunks = list(stream)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        reason = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
+        if reason == "stop":  # json_object allows any members: it may run to the length limit
+            assert isinstance(json.loads(text), dict), text
+            if fmt["type"] == "json_schema":
+                assert _valid_json(text), text
+            seen += 1
+    assert seen, "every stream ended by length"
+    r = client.completions.create(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=64, seed=1,
+                                  extra_body={"structured_outputs": {"choice": CHOICE}, "max_denoising_steps": 6})
+    assert r.choices[0].text in CHOICE
+    r = client.completions.create(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=64, seed=1,
+                                  extra_body={"guided_regex": REGEX, "max_denoising_steps": 6})
+    assert r.choices[0].finish_reason == "length" or re.fullmatch(REGEX, r.choices[0].text)
+
+
+def test_server_bad_schema_is_a_400_that_says_why(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dgemma-shakespeare", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "bad", "schema": {"type": "object", "minProperties": "two"}}})
+    assert e.value.body["param"] == "response_format" and "json_schema" in e.value.body["message"], e.value.body
