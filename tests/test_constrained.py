@@ -197,3 +197,29 @@ def test_server_bad_schema_is_a_400_that_says_why(client):
                                        response_format={"type": "json_schema", "json_schema": {
                                            "name": "bad", "schema": {"type": "object", "minProperties": "two"}}})
     assert e.value.body["param"] == "response_format" and "json_schema" in e.value.body["message"], e.value.body
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+def test_cli_generate_with_a_schema_file_and_a_choice(tmp_path, capsys):
+    from dgemma.cli import main
+
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    assert main(["generate", "ROMEO:", "--json", "--seed", "3", "--max-denoising-steps", "6",
+                 "--max-new-tokens", "128", "--json-schema", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "length" or _valid_json(out["text"]), out
+    assert main(["generate", "ROMEO:", "--json", "--seed", "3", "--max-denoising-steps", "6",
+                 "--choice", *CHOICE]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] in CHOICE
+
+
+@pytest.mark.parametrize("flags, message", [(["--regex", "[a-"], "invalid regex"),
+                                            (["--json-schema", "/nonexistent.json"], "cannot read"),
+                                            (["--regex", "a", "--choice", "a"], "at most one")])
+def test_cli_bad_constraint_exits_2_with_the_reason(flags, message, capsys):
+    from dgemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "ROMEO:", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
