@@ -93,6 +93,11 @@ def constraint_params(args) -> dict:
         out["regex"] = args.regex
     if args.choice is not None:
         out["choice"] = args.choice
+    if args.grammar is not None:
+        try:
+            out["grammar"] = Path(args.grammar).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--grammar: cannot read {args.grammar}: {getattr(e, 'strerror', None) or e}")
     return out
 
 
@@ -160,6 +165,7 @@ def generate_main(argv: list[str]) -> int:
     g.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the output must satisfy")
     g.add_argument("--regex", help="a regex the whole output must match")
     g.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is exactly one of these strings")
+    g.add_argument("--grammar", metavar="FILE", help="a context-free grammar file (Lark, llguidance's dialect)")
     args = p.parse_args(argv)
     constraint = constraint_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -1,4 +1,4 @@
-"""Constrained decoding on the canvas: a JSON schema, a regex or a choice imposed on a request's output.
+"""Constrained decoding on the canvas: a JSON schema, a regex, a choice or a grammar imposed on a request's output.
 
 The matching is llguidance's (`LLMatcher`: token masks for a prefix); this file only decides where on a canvas they
 apply (docs/constrained.md). Per denoising step, `Constraint.mask` sweeps the canvas left to right from the state of
@@ -33,8 +33,10 @@ def _llguidance():
     return llguidance
 
 
-def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: tuple[str, ...] | None = None) -> str:
-    """An llguidance grammar for exactly one of the three kinds; raises ConstraintError when it is invalid."""
+def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: tuple[str, ...] | None = None,
+                    grammar: str | None = None) -> str:
+    """An llguidance grammar for exactly one of the four kinds (a `grammar` is Lark text, llguidance's dialect);
+    raises ConstraintError when it is invalid."""
     L = _llguidance()
     M = L.LLMatcher
     if json_schema is not None:
@@ -54,11 +56,15 @@ def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: t
         grammar = M.grammar_from_regex(regex)
     elif choice is not None:
         grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice))
+    elif grammar is not None:
+        lark, grammar = grammar, None
+        grammar = M.grammar_from_lark(lark)
     else:
         raise ConstraintError("no constraint given")
     failed, messages = M.validate_grammar_with_warnings(grammar)
     if failed:
-        kind = "json_schema" if json_schema is not None else "regex" if regex is not None else "choice"
+        kind = ("json_schema" if json_schema is not None else "regex" if regex is not None
+                else "choice" if choice is not None else "grammar")
         raise ConstraintError(f"invalid {kind}: " + "; ".join(m.strip() for m in messages))
     return grammar
 

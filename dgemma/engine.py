@@ -166,8 +166,8 @@ class Engine:
         seq = Sequence(rid, prompt, params, settings, gen, seed, seed_keys(seed), max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
-        if params.grammar is not None:  # [constrained]
-            seq.constraint = self._constraint(params.grammar)
+        if params.constraint_grammar is not None:  # [constrained]
+            seq.constraint = self._constraint(params.constraint_grammar)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
             seq.decoder = IncrementalDecoder(self.tokenizer)

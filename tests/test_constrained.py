@@ -33,6 +33,25 @@ SCHEMA = {
 }
 REGEX = r"[A-Z][a-z]{2,6} (of|the) [A-Z][a-z]{2,8}\."
 CHOICE = ["Romeo", "Juliet", "Mercutio", "the nurse"]
+# A context-free language no regex describes: balanced brackets around a sum of small numbers, e.g. "(3+(12+7))".
+GRAMMAR = """
+start: expr
+expr: NUM | "(" expr "+" expr ")"
+NUM: /[1-9][0-9]?/
+"""
+
+
+def _balanced_sum(text: str) -> bool:
+    if re.fullmatch(r"[1-9][0-9]?", text):
+        return True
+    if not (text.startswith("(") and text.endswith(")")):
+        return False
+    depth = 0
+    for i, ch in enumerate(text[1:-1], 1):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "+" and depth == 0:
+            return _balanced_sum(text[1:i]) and _balanced_sum(text[i + 1:-1])
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +95,10 @@ def test_regex_outputs_match_or_end_by_length(llm):
 def test_choice_outputs_are_one_of_the_choices(llm):
     outs = _run(llm, SEEDS, choice=CHOICE)
     assert _tally(outs, lambda t: t in CHOICE) == 0
+
+
+def test_grammar_outputs_are_in_the_language_or_end_by_length(llm):
+    _tally(_run(llm, SEEDS, grammar=GRAMMAR), _balanced_sum)
 
 
 def test_unconstrained_default_model_writes_no_json(llm):
@@ -130,6 +153,7 @@ def test_fast_mode_runs_constrained_rows_on_the_per_row_path(llm):
     (dict(choice=["a", ""]), "non-empty list"),
     (dict(regex="a", choice=["a"]), "at most one"),
     (dict(regex="a", stop=["x"]), "cannot be combined"),
+    (dict(grammar="start: x"), "invalid grammar"),
 ])
 def test_bad_constraints_are_rejected_early(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -187,6 +211,9 @@ def test_server_streams_valid_json_and_takes_vllm_fields(client):
     r = client.completions.create(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=64, seed=1,
                                   extra_body={"guided_regex": REGEX, "max_denoising_steps": 6})
     assert r.choices[0].finish_reason == "length" or re.fullmatch(REGEX, r.choices[0].text)
+    r = client.completions.create(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=64, seed=1,
+                                  extra_body={"structured_outputs": {"grammar": GRAMMAR}, "max_denoising_steps": 6})
+    assert r.choices[0].finish_reason == "length" or _balanced_sum(r.choices[0].text), r.choices[0].text
 
 
 def test_server_bad_schema_is_a_400_that_says_why(client):
@@ -212,6 +239,11 @@ def test_cli_generate_with_a_schema_file_and_a_choice(tmp_path, capsys):
     assert main(["generate", "ROMEO:", "--json", "--seed", "3", "--max-denoising-steps", "6",
                  "--choice", *CHOICE]) == 0
     assert json.loads(capsys.readouterr().out)["text"] in CHOICE
+    (tmp_path / "sum.lark").write_text(GRAMMAR)
+    assert main(["generate", "ROMEO:", "--json", "--seed", "3", "--max-denoising-steps", "6",
+                 "--grammar", str(tmp_path / "sum.lark")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "length" or _balanced_sum(out["text"]), out
 
 
 @pytest.mark.parametrize("flags, message", [(["--regex", "[a-"], "invalid regex"),

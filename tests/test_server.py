@@ -177,7 +177,7 @@ BAD_REQUESTS = [  # (field overrides, param named in the error)
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
-    ({"structured_outputs": {"grammar": "start: x"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"grammar": "start: x"}}, "structured_outputs.grammar"),  # undefined rule x
     ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"messages": []}, "messages"),

@@ -14,7 +14,8 @@ of each canvas, so set `t_min`/`t_max` instead.
 
 Structured output (docs/constrained.md): OpenAI's `response_format` (`text`, `json_object`, or `json_schema` with
 `{"name", "schema", "strict"}`; the schema is always enforced, strict or not), vLLM's `structured_outputs`
-(`{"json": ..., "regex": ..., "choice": [...]}`) and its older `guided_json` / `guided_regex` / `guided_choice`.
+(`{"json", "regex", "choice", "grammar"}`, the grammar in Lark) and its older `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar`.
 At most one constraint per request; an invalid one is a 400 that names the field and says why.
 """
 
@@ -78,12 +79,12 @@ class StreamOptions(_Strict):
 
 
 class StructuredOutputs(_Strict):
-    """vLLM's `structured_outputs` extra field (the kinds dgemma implements; `grammar` is refused by name)."""
+    """vLLM's `structured_outputs` extra field (the kinds dgemma implements; `grammar` is Lark text)."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
-    grammar: Annotated[str | None, _only({"type": "null"})] = None
+    grammar: str | None = None
 
 
 class DgemmaOptions(_Strict):
@@ -121,6 +122,7 @@ class _Common(_Strict):
     guided_json: dict[str, Any] | str | None = None  # vLLM's names before 0.12
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     best_of: Annotated[AnyInt | None, _only({"const": 1})] = None
 
     @property
@@ -183,8 +185,6 @@ def unsupported(req: _Common) -> RequestError | None:
     if req.presence_penalty or req.frequency_penalty:
         return err("presence_penalty" if req.presence_penalty else "frequency_penalty", "penalties are not "
                    "implemented (a canvas is sampled in parallel, so there is no sequential history to penalise)")
-    if req.structured_outputs is not None and req.structured_outputs.grammar is not None:
-        return err("structured_outputs.grammar", "grammars are not implemented (json, regex and choice are)")
     if req.stream_options is not None and not req.stream:
         return RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     if isinstance(req, CompletionRequest):
@@ -266,6 +266,8 @@ def constraint_fields(req: _Common) -> tuple[str | None, dict[str, Any]]:
     for field, value, name in [("structured_outputs.json", so and so.json_, "json_schema"),
                                ("structured_outputs.regex", so and so.regex, "regex"),
                                ("structured_outputs.choice", so and so.choice, "choice"),
+                               ("structured_outputs.grammar", so and so.grammar, "grammar"),
+                               ("guided_grammar", req.guided_grammar, "grammar"),
                                ("guided_json", req.guided_json, "json_schema"),
                                ("guided_regex", req.guided_regex, "regex"),
                                ("guided_choice", req.guided_choice, "choice")]:
