@@ -1,11 +1,12 @@
 """Constrained decoding with the embedded default model: validity over many seeds, and the cost per denoising step.
 
     python benchmarks/constrained.py                    # 200 seeds, prints a table, writes results/constrained.json
-    python benchmarks/constrained.py --seeds 20 --steps 6
+    python benchmarks/constrained.py --seeds 20 --steps 6     # quicker
 
 Validity: the default model writes no JSON by itself; every output under the JSON schema (nested object, array,
 enum, integer ranges), the regex and the choice of tests/test_constrained.py must be valid, or end with
-finish_reason "length" (counted). Cost: seconds per denoising step at canvas 64 (the model's), one request,
+finish_reason "length" (counted); "unbounded" (a string without maxLength) shows where length endings come from,
+"none" gives the unconstrained steps per canvas. Cost: seconds per denoising step at canvas 64 (the model's), one request,
 a fixed number of steps (confidence threshold 0), with and without the JSON-schema constraint; best of --repeats.
 """
 
@@ -22,7 +23,7 @@ import jsonschema
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_constrained import CHOICE, REGEX, SCHEMA  # noqa: E402 - the same constraints as the tests
+from test_constrained import CHOICE, GRAMMAR, REGEX, SCHEMA, _balanced_sum  # noqa: E402 - the tests' constraints
 
 from dgemma.llm import LLM  # noqa: E402
 from dgemma.sampling_params import SamplingParams  # noqa: E402
@@ -40,13 +41,18 @@ KINDS = {
     "json_schema": (dict(json_schema=SCHEMA), valid_json),
     "regex": (dict(regex=REGEX), lambda t: re.fullmatch(REGEX, t) is not None),
     "choice": (dict(choice=CHOICE), lambda t: t in CHOICE),
+    "grammar": (dict(grammar=GRAMMAR), _balanced_sum),
+    "unbounded": (dict(json_schema={"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"],
+                                    "additionalProperties": False}), lambda t: isinstance(json.loads(t)["s"], str)),
+    "none": ({}, lambda t: False),  # the control: no constraint (its "valid" column is 0 by definition)
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=6, help="max denoising steps per canvas in the validity runs")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="max denoising steps per canvas in the validity runs (default: the checkpoint's)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--timing-steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)

@@ -21,6 +21,13 @@ import torch
 from torch import Tensor
 
 
+# What a disallowed logit becomes. Not -inf: the sampler's entropy skips its -inf guard when no top-k/top-p mask is
+# set, and 0 * -inf is NaN (a NaN mean entropy never meets the stop rule, and NaN breaks the acceptance sort).
+# -1e30 has probability exactly 0 after softmax, stays finite after the temperature divides it (T > 1e-8), and adds
+# exactly 0 to the entropy.
+MASKED = -1e30
+
+
 class ConstraintError(ValueError):
     """A constraint that cannot be compiled or satisfied (the message says why)."""
 
@@ -99,26 +106,23 @@ class Constraint:
         return ((words[:, None] & self._bits) != 0).reshape(-1)[:self.V]
 
     def mask(self, logits: Tensor) -> list[int]:
-        """Masks one canvas row of logits [C, V] in place (disallowed -> -inf) by the left-to-right sweep; returns
+        """Masks one canvas row of logits [C, V] in place (disallowed -> MASKED) by the left-to-right sweep; returns
         the canvas the sweep committed to (the argmax of each masked position), a valid prefix of the constraint."""
         scratch = self.matcher.deep_copy()
-        neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype)
+        masked = torch.tensor(MASKED, dtype=logits.dtype)
         chosen = []
         ended = scratch.is_stopped()
         for i in range(logits.shape[0]):
             row = logits[i]
             if ended:  # the constraint is complete: the rest of the canvas is EOS
-                eos = row[self.eos_id].clone()
-                row.fill_(neg_inf)
-                row[self.eos_id] = eos if torch.isfinite(eos) else 0.0
+                row.fill_(masked)
+                row[self.eos_id] = 0.0
                 chosen.append(self.eos_id)
                 continue
             allowed = self._allowed(scratch)
             if not bool(allowed.any()):
                 raise ConstraintError(f"the constraint allows no token: {scratch.get_error() or 'dead end'}")
-            row.masked_fill_(~allowed, neg_inf)
-            if not bool(torch.isfinite(row).any()):  # every allowed logit was -inf already: keep them selectable
-                row.masked_fill_(allowed, 0.0)
+            row.masked_fill_(~allowed, masked)
             tok = int(row.argmax())
             chosen.append(tok)
             if not scratch.consume_token(tok):

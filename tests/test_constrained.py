@@ -101,6 +101,17 @@ def test_grammar_outputs_are_in_the_language_or_end_by_length(llm):
     _tally(_run(llm, SEEDS, grammar=GRAMMAR), _balanced_sum)
 
 
+def test_masked_steps_keep_finite_entropies_and_stop_early(llm):
+    """The mask must not turn entropies into NaN (0 * -inf): the mean-entropy stop rule and the entropy-bound
+    acceptance both need them, so a constrained canvas converges before the step cap like an unconstrained one."""
+    outs = llm.generate(["ROMEO:"] * 4, [SamplingParams(seed=s, json_schema=SCHEMA, max_new_tokens=64, trace=True)
+                                         for s in range(4)])
+    for o in outs:
+        assert all(t.mean_entropy == t.mean_entropy for t in o.trace), [t.mean_entropy for t in o.trace]
+    steps = [c.steps for o in outs for c in o.canvases]
+    assert max(steps) < llm.engine.defaults.max_denoising_steps, steps
+
+
 def test_unconstrained_default_model_writes_no_json(llm):
     """The control: without the constraint the same requests are not JSON (so the constraint does the work)."""
     outs = _run(llm, range(5))
@@ -110,7 +121,7 @@ def test_unconstrained_default_model_writes_no_json(llm):
 def test_constraint_spans_canvases_and_state_carries(llm):
     """A schema whose shortest valid text is longer than a canvas (64 tokens) still ends valid: the matcher's state
     carries from one commit to the next."""
-    schema = {"type": "object", "properties": {"line": {"type": "string", "minLength": 90, "maxLength": 100}},
+    schema = {"type": "object", "properties": {"line": {"type": "string", "minLength": 200, "maxLength": 220}},
               "required": ["line"], "additionalProperties": False}
     outs = llm.generate(["ROMEO:"] * 3, [SamplingParams(seed=s, json_schema=schema, max_denoising_steps=6,
                                                         max_new_tokens=512) for s in range(3)])
