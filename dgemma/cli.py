@@ -14,6 +14,7 @@ Every multi-word flag also takes underscores (`--max_new_tokens`). Errors print 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -78,6 +79,28 @@ def sampling_params(args, trace: bool = False):
         top_k=args.top_k, top_p=args.top_p, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed, trace=trace)
 
 
+def constraint_params(args) -> dict:
+    """The SamplingParams fields of `generate`'s constraint flags (the schema file read and parsed here)."""
+    out = {}
+    if args.json_schema is not None:
+        try:
+            out["json_schema"] = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except OSError as e:
+            fail(f"--json-schema: cannot read {args.json_schema}: {e.strerror or e}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            fail(f"--json-schema: {args.json_schema} is not valid JSON: {e}")
+    if args.regex is not None:
+        out["regex"] = args.regex
+    if args.choice is not None:
+        out["choice"] = args.choice
+    if args.grammar is not None:
+        try:
+            out["grammar"] = Path(args.grammar).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--grammar: cannot read {args.grammar}: {getattr(e, 'strerror', None) or e}")
+    return out
+
+
 def add_model_flags(p: Parser) -> None:
     p.add_argument("--model", help="checkpoint folder or Hugging Face Hub id (default: the embedded model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -138,7 +161,13 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--show-canvas", action="store_true", help="live terminal view of the canvas being denoised")
     p.add_argument("--trace-out", help="write the denoising trace as an animated GIF (or a folder of PNGs)")
     add_sampler_flags(p)
+    g = p.add_argument_group("constrained output (one of; docs/constrained.md)")
+    g.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the output must satisfy")
+    g.add_argument("--regex", help="a regex the whole output must match")
+    g.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is exactly one of these strings")
+    g.add_argument("--grammar", metavar="FILE", help="a context-free grammar file (Lark, llguidance's dialect)")
     args = p.parse_args(argv)
+    constraint = constraint_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.image and not args.chat:
         fail("--image needs --chat (the chat template places the image)")
@@ -152,6 +181,11 @@ def generate_main(argv: list[str]) -> int:
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))
+    if constraint:
+        try:
+            params = dataclasses.replace(params, **constraint)
+        except ValueError as e:
+            fail(str(e))
     t1 = time.perf_counter()
     if args.show_canvas:
         from rich.console import Console

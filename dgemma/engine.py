@@ -44,6 +44,7 @@ from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
+from .constraint import Constraint, ll_tokenizer  # [constrained]
 
 log = logging.getLogger("dgemma")
 
@@ -92,6 +93,7 @@ class Sequence:
     decoder: object = None  # incremental detokenizer
     draws_made: int = 0  # fast mode: counter-based draws used so far (the next draw's number)
     images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
+    constraint: "Constraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
 
     @property
     def denoising(self) -> bool:
@@ -164,11 +166,20 @@ class Engine:
         seq = Sequence(rid, prompt, params, settings, gen, seed, seed_keys(seed), max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
+        if params.constraint_grammar is not None:  # [constrained]
+            seq.constraint = self._constraint(params.constraint_grammar)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
             seq.decoder = IncrementalDecoder(self.tokenizer)
         self.waiting.append(seq)
         return rid
+
+    def _constraint(self, grammar: str) -> Constraint:
+        """[constrained] A matcher for one request: needs the tokenizer and an EOS id to end on."""
+        if self.tokenizer is None or not self.eos_ids:
+            raise ValueError("constrained decoding needs an engine with a tokenizer and an EOS token id")
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in self.eos_ids else min(self.eos_ids)
+        return Constraint(grammar, ll_tokenizer(self.tokenizer, self.V, eos), self.V, eos)
 
     def abort(self, request_id: str) -> bool:
         for seq in list(self.waiting):
@@ -211,8 +222,15 @@ class Engine:
                                                        for s in enc])  # [vision]
             segments.append(enc_seg)
         if dec and not self.exact:
-            events += self._denoise_fast(dec)  # before the encode rows: they start canvases after it
-            dec = []
+            fast = [s for s in dec if s.constraint is None]  # [constrained] rows take the per-row path below
+            if fast:
+                held = [s.slot for s in dec if s.constraint is not None]
+                saved = [(t, t[held].clone()) for t in (self.canvas, self.prev_argmax, self.stable_run,
+                                                        self.steps_left, self.sc)] if held else []
+                events += self._denoise_fast(fast)  # before the encode rows: they start canvases after it
+                for t, rows in saved:  # the fast step decodes slots [0, b) in place: give these rows theirs back
+                    t[held] = rows
+            dec = [s for s in dec if s.constraint is not None]
         if dec:
             slots = torch.tensor([s.slot for s in dec], device=self.model.device)
             sc = self.sc[slots] if bool(self.has_sc[slots.cpu()].any()) else None
@@ -265,7 +283,7 @@ class Engine:
             key = torch.tensor([draw_key(s.seed_key, s.draws_made)], dtype=torch.int64, device=self.model.device)
             self.canvas[slot] = to_tokens(keyed_bits(key, self.C), self.V)[0]
             s.draws_made += 1
-            self.denoising[slot] = True
+            self.denoising[slot] = s.constraint is None  # [constrained] rows are not the fast step's
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
         self.steps_left[slot] = s.settings.max_denoising_steps
@@ -282,12 +300,15 @@ class Engine:
             rows = dec[start:start + per]
             slots = torch.tensor([s.slot for s in rows], device=self.model.device)
             logits = self.model.logits(hidden[start:start + len(rows)])
+            swept = {i: s.constraint.mask(logits[i]) for i, s in enumerate(rows) if s.constraint is not None}
             params = sampler.RowParams.from_settings([s.settings for s in rows], device=self.model.device)
             draws = sampler.PerRequestDraws([s.generator for s in rows], self.model.device)
             res = sampler.step(logits, self.steps_left[slots], params, self.prev_argmax[slots],
                                self.stable_run[slots], draws, embedding=emb, embed_scale=self.model.text.embed_scale,
                                chunk_elems=self.C * self.V)  # one row per slab: same shapes whatever the batch
             del logits
+            for i, chosen in swept.items():  # [constrained] the sweep's argmax is the canvas (a near-tie after the
+                res.argmax[i] = torch.tensor(chosen, device=res.argmax.device)  # temperature may differ)
             self.canvas[slots] = res.canvas
             self.prev_argmax[slots] = res.argmax
             self.stable_run[slots] = res.stable_run
@@ -459,6 +480,8 @@ class Engine:
         # Stream only what cannot turn out to be the start of a stop string; the rest goes out with a later commit.
         streamed = len(out.text) - stop_prefix_len(out.text, stops)
         delta = text[streamed:len(text) - (stop_prefix_len(text, stops) if reason is None else 0)]
+        if s.constraint is not None:  # [constrained] the matcher's state carries to the next canvas
+            s.constraint.commit(new)
         out.token_ids += new
         out.text = text
         out.canvases.append(CanvasStats(steps=s.canvas_steps, tokens=len(new)))

@@ -123,6 +123,13 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1 = off; masks the (soft-capped) logits before temperature and entropy, as vLLM does
     top_p: float = 1.0  # 1.0 = off; applied after top_k, on the untempered distribution
     trace: bool = False  # record the argmax canvas and accepted mask of every denoising step
+    # Constrained decoding (at most one; docs/constrained.md): a JSON schema (dict or JSON text), a regex, a
+    # choice among strings, or a context-free grammar (Lark, as llguidance reads it). The output then always
+    # satisfies it, or ends with finish_reason "length".
+    json_schema: Any = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples so the frozen object is really immutable and hashable.
@@ -142,6 +149,33 @@ class SamplingParams:
         for name in ("ignore_eos", "trace"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (got {getattr(self, name)!r})")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        if self.choice is not None:
+            choice = (self.choice,) if isinstance(self.choice, str) else tuple(self.choice)
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise ValueError(f"choice must be a non-empty list of non-empty strings (got {self.choice!r})")
+            object.__setattr__(self, "choice", choice)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string (got {value!r})")
+        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex, choice, grammar (got {', '.join(given)})")
+        if given:
+            if self.stop or self.stop_token_ids or self.ignore_eos:
+                raise ValueError(f"{given[0]} cannot be combined with stop, stop_token_ids or ignore_eos: a "
+                                 "constrained request ends where its constraint is complete")
+            from .constraint import compile_grammar  # validates now, with llguidance's message
+            object.__setattr__(self, "_grammar", compile_grammar(self.json_schema, self.regex, self.choice,
+                                                                  self.grammar))
+
+    @property
+    def constraint_grammar(self) -> str | None:
+        """The llguidance grammar of the request's constraint (None: unconstrained)."""
+        return getattr(self, "_grammar", None)
 
     def resolve(self, defaults: Any = None) -> DenoiseSettings:
         """Fills every None from `defaults` (any object with same-named attributes), then RELEASED_DEFAULTS.

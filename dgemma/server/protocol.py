@@ -2,7 +2,7 @@
 
 Requests are validated strictly (`strict=True`: "5" is not an int, true is not a number) and unknown fields are
 refused (`extra="forbid"`): a misspelt knob must not be silently ignored. OpenAI features dgemma does not implement
-(`logprobs`, `logit_bias`, `tools`, `response_format` other than text, `n` > 1, penalties, ...) are declared so that
+(`logprobs`, `logit_bias`, `tools`, `n` > 1, penalties, ...) are declared so that
 `unsupported()` can answer 400 naming the field instead of a generic "extra field" error.
 
 Field mapping: `max_completion_tokens` / `max_tokens` -> max_new_tokens (absent: the room left in max_model_len, not
@@ -11,6 +11,12 @@ the checkpoint's 256), `seed`, `stop`, `top_k`, `top_p`. DiffusionGemma extras, 
 `ignore_eos`, `stop_token_ids`, and `"dgemma": {"drafts": true}` (stream the draft canvas of every denoising step).
 `temperature` is accepted (0..2) but has no effect: the denoising schedule anneals from t_max to t_min over the steps
 of each canvas, so set `t_min`/`t_max` instead.
+
+Structured output (docs/constrained.md): OpenAI's `response_format` (`text`, `json_object`, or `json_schema` with
+`{"name", "schema", "strict"}`; the schema is always enforced, strict or not), vLLM's `structured_outputs`
+(`{"json", "regex", "choice", "grammar"}`, the grammar in Lark) and its older `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar`.
+At most one constraint per request; an invalid one is a 400 that names the field and says why.
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra field (the kinds dgemma implements; `grammar` is Lark text)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class DgemmaOptions(_Strict):
     drafts: bool = False  # stream "dgemma.draft" events: the argmax canvas and accepted mask at every step
 
@@ -102,8 +117,12 @@ class _Common(_Strict):
     logit_bias: Annotated[dict[str, float] | None, _only({"type": "object", "maxProperties": 0})] = None
     presence_penalty: Annotated[float | None, _only({"const": 0})] = None
     frequency_penalty: Annotated[float | None, _only({"const": 0})] = None
-    response_format: Annotated[dict[str, Any] | None, _only({"type": "object", "properties": {
-        "type": {"const": "text"}}})] = None
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema: see `constraint_fields`
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra field
+    guided_json: dict[str, Any] | str | None = None  # vLLM's names before 0.12
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     best_of: Annotated[AnyInt | None, _only({"const": 1})] = None
 
     @property
@@ -166,9 +185,6 @@ def unsupported(req: _Common) -> RequestError | None:
     if req.presence_penalty or req.frequency_penalty:
         return err("presence_penalty" if req.presence_penalty else "frequency_penalty", "penalties are not "
                    "implemented (a canvas is sampled in parallel, so there is no sequential history to penalise)")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        return err("response_format", f"only {{'type': 'text'}} is implemented, got "
-                   f"{req.response_format.get('type')!r} (no JSON mode or JSON schema)")
     if req.stream_options is not None and not req.stream:
         return RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     if isinstance(req, CompletionRequest):
@@ -229,11 +245,51 @@ def template_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     return out
 
 
+def constraint_fields(req: _Common) -> tuple[str | None, dict[str, Any]]:
+    """The request's constraint as SamplingParams fields, and the request field it came from (for errors)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            found.append(("response_format", {"json_schema": {"type": "object"}}))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise RequestError("response_format.json_schema must be an object with a 'schema' object "
+                                   "(and optionally 'name' and 'strict')", param="response_format")
+            found.append(("response_format", {"json_schema": spec.get("schema", {})}))
+        elif kind != "text":
+            raise RequestError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                               param="response_format")
+    so = req.structured_outputs
+    for field, value, name in [("structured_outputs.json", so and so.json_, "json_schema"),
+                               ("structured_outputs.regex", so and so.regex, "regex"),
+                               ("structured_outputs.choice", so and so.choice, "choice"),
+                               ("structured_outputs.grammar", so and so.grammar, "grammar"),
+                               ("guided_grammar", req.guided_grammar, "grammar"),
+                               ("guided_json", req.guided_json, "json_schema"),
+                               ("guided_regex", req.guided_regex, "regex"),
+                               ("guided_choice", req.guided_choice, "choice")]:
+        if value is not None:
+            found.append((field, {name: value}))
+    if len(found) > 1:
+        raise RequestError(f"give one constraint per request, got {', '.join(f for f, _ in found)}",
+                           param=found[1][0])
+    return found[0] if found else (None, {})
+
+
 def sampling_params(req: _Common, max_new_tokens: int) -> SamplingParams:
     """The engine's parameters for a request; their own validation errors become 400s naming the field."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    source, constraint = constraint_fields(req)
+    if constraint:
+        try:
+            SamplingParams(**constraint)
+        except ValueError as e:
+            raise RequestError(f"{source}: {e}", param=source) from None
     try:
-        return SamplingParams(
+        return SamplingParams(**constraint,
             max_new_tokens=max_new_tokens, seed=req.seed, stop=tuple(stop),
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             top_k=req.top_k if req.top_k is not None else 0, top_p=req.top_p if req.top_p is not None else 1.0,

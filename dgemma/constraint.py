@@ -1,0 +1,143 @@
+"""Constrained decoding on the canvas: a JSON schema, a regex, a choice or a grammar imposed on a request's output.
+
+The matching is llguidance's (`LLMatcher`: token masks for a prefix); this file only decides where on a canvas they
+apply (docs/constrained.md). Per denoising step, `Constraint.mask` sweeps the canvas left to right from the state of
+the committed text: position i's logits are masked to the tokens the matcher allows after the argmax of positions
+< i, and the matcher (a scratch copy) then takes position i's argmax. Once the scratch matcher has taken EOS (which it
+allows only where the constraint is complete), every later position is forced to EOS. The committed canvas is the
+argmax, so every commit is a valid prefix and the request ends only where the constraint is complete. `commit`
+advances the real matcher over the committed tokens: its state carries across canvases.
+
+`compile_grammar` turns the user's fields into an llguidance grammar and validates it without a tokenizer, so a
+bad schema or regex is rejected when the request is made (SamplingParams), with llguidance's message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+# What a disallowed logit becomes. Not -inf: the sampler's entropy skips its -inf guard when no top-k/top-p mask is
+# set, and 0 * -inf is NaN (a NaN mean entropy never meets the stop rule, and NaN breaks the acceptance sort).
+# -1e30 has probability exactly 0 after softmax, stays finite after the temperature divides it (T > 1e-8), and adds
+# exactly 0 to the entropy.
+MASKED = -1e30
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be compiled or satisfied (the message says why)."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:  # pragma: no cover - the extra is part of the test install
+        raise ConstraintError("constrained decoding needs llguidance: pip install 'dgemma[structured]'") from e
+    return llguidance
+
+
+def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: tuple[str, ...] | None = None,
+                    grammar: str | None = None) -> str:
+    """An llguidance grammar for exactly one of the four kinds (a `grammar` is Lark text, llguidance's dialect);
+    raises ConstraintError when it is invalid."""
+    L = _llguidance()
+    M = L.LLMatcher
+    if json_schema is not None:
+        schema = json_schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"json_schema is not valid JSON: {e}") from e
+        if not isinstance(schema, (dict, bool)):
+            raise ConstraintError(f"json_schema must be a JSON object (got {type(schema).__name__})")
+        try:  # compact JSON: flexible whitespace lets an untrained model spend a canvas on blanks
+            grammar = M.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        except Exception as e:  # llguidance raises ValueError/RuntimeError with its message
+            raise ConstraintError(f"invalid json_schema: {e}") from e
+    elif regex is not None:
+        grammar = M.grammar_from_regex(regex)
+    elif choice is not None:
+        grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice))
+    elif grammar is not None:
+        lark, grammar = grammar, None
+        grammar = M.grammar_from_lark(lark)
+    else:
+        raise ConstraintError("no constraint given")
+    failed, messages = M.validate_grammar_with_warnings(grammar)
+    if failed:
+        kind = ("json_schema" if json_schema is not None else "regex" if regex is not None
+                else "choice" if choice is not None else "grammar")
+        raise ConstraintError(f"invalid {kind}: " + "; ".join(m.strip() for m in messages))
+    return grammar
+
+
+_TOKENIZERS: dict[int, Any] = {}
+
+
+def ll_tokenizer(tokenizer, vocab_size: int, eos_id: int):
+    """llguidance's view of a dgemma `Tokenizer` (built once per tokenizer, vocabulary size and EOS)."""
+    key = (id(tokenizer), vocab_size, eos_id)
+    if key not in _TOKENIZERS:
+        L = _llguidance()
+        backend = tokenizer.backend
+        _TOKENIZERS[key] = (tokenizer, L.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos_id))
+    return _TOKENIZERS[key][1]
+
+
+class Constraint:
+    """One request's matcher: masks its canvas logits each step, advances on each commit."""
+
+    def __init__(self, grammar: str, ll_tok, vocab_size: int, eos_id: int):
+        L = _llguidance()
+        self.matcher = L.LLMatcher(ll_tok, grammar)
+        if self.matcher.is_error():
+            raise ConstraintError(f"constraint cannot be used: {self.matcher.get_error()}")
+        self.V, self.eos_id = vocab_size, eos_id
+        self._bits = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
+
+    def _allowed(self, matcher) -> Tensor:
+        """[V] bool: the tokens `matcher` accepts next."""
+        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32).to(torch.int64)
+        return ((words[:, None] & self._bits) != 0).reshape(-1)[:self.V]
+
+    def mask(self, logits: Tensor) -> list[int]:
+        """Masks one canvas row of logits [C, V] in place (disallowed -> MASKED) by the left-to-right sweep; returns
+        the canvas the sweep committed to (the argmax of each masked position), a valid prefix of the constraint."""
+        scratch = self.matcher.deep_copy()
+        masked = torch.tensor(MASKED, dtype=logits.dtype)
+        chosen = []
+        ended = scratch.is_stopped()
+        for i in range(logits.shape[0]):
+            row = logits[i]
+            if ended:  # the constraint is complete: the rest of the canvas is EOS
+                row.fill_(masked)
+                row[self.eos_id] = 0.0
+                chosen.append(self.eos_id)
+                continue
+            allowed = self._allowed(scratch)
+            if not bool(allowed.any()):
+                raise ConstraintError(f"the constraint allows no token: {scratch.get_error() or 'dead end'}")
+            row.masked_fill_(~allowed, masked)
+            tok = int(row.argmax())
+            chosen.append(tok)
+            if not scratch.consume_token(tok):
+                raise ConstraintError(f"matcher rejected an allowed token {tok}: {scratch.get_error()}")
+            ended = tok == self.eos_id or scratch.is_stopped()
+        return chosen
+
+    def commit(self, tokens: list[int]) -> None:
+        """Advances the real matcher over a committed canvas (tokens after a consumed EOS are ignored)."""
+        for t in tokens:
+            if self.matcher.is_stopped():
+                break
+            if not self.matcher.consume_token(int(t)):
+                raise ConstraintError(f"committed token {t} breaks the constraint: {self.matcher.get_error()}")
+
+    def is_complete(self) -> bool:
+        """The committed text satisfies the constraint (EOS taken, or nothing more may follow)."""
+        return self.matcher.is_stopped() or self.matcher.is_accepting()
