@@ -119,13 +119,6 @@ class CounterDraws:
     def renoise(self, canvas_length: int, vocab_size: int) -> Tensor:
         return to_tokens(self._bits(canvas_length), vocab_size)
 
-    def step_draws(self, canvas_length: int, vocab_size: int) -> tuple[Tensor, Tensor]:
-        """One denoising step's (uniforms, renoise tokens): two consecutive calls, hashed in one pass."""
-        counters = self.counters[:, None] + torch.tensor([self.calls, self.calls + 1], device=self.counters.device)
-        b = bits(self.keys[:, None], counters, canvas_length)  # [B, 2, C]
-        self.calls += 2
-        return to_uniform(b[:, 0]), to_tokens(b[:, 1], vocab_size)
-
     def categorical(self, probs: Tensor) -> Tensor:
         from .sampler import inverse_cdf_sample
 

@@ -23,17 +23,6 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv / rope.factor
 
 
-def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and *signed* sin of shape [*positions.shape, head_dim], computed in fp32 then cast (as the reference
-    does). The signed sin carries rotate-half's minus sign on its first half: -sin for dims [0, d/2), +sin after."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    sin = emb.sin()
-    half = sin.shape[-1] // 2
-    sin[..., :half].neg_()
-    return emb.cos().to(dtype), sin.to(dtype)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [..., heads, d]; cos/signed_sin [..., d] broadcast over heads.
 
@@ -50,11 +39,12 @@ def apply_rope_fused(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tenso
 
 def rope_tables(signed_inv: torch.Tensor, dims: list[tuple[str, int]], positions: torch.Tensor,
                 dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`cos_sin` for several layer types at once (four kernels in all): `signed_inv` holds each type's frequencies
-    twice in a row, the first copy negated ([-inv, inv] per type, in the order of `dims`: (type, head_dim)). cos is
-    even and sin odd (exactly so in floating point: both reduce the argument symmetrically), so cos and the signed
-    sin come straight out. Returns {type: (cos, signed sin)}, each [*positions.shape, head_dim] (views of one
-    table), the same values as `cos_sin`."""
+    """RoPE tables of several layer types at once (four kernels in all), computed in fp32 then cast, as the reference
+    does. `signed_inv` holds each type's frequencies twice in a row, the first copy negated ([-inv, inv] per type, in
+    the order of `dims`: (type, head_dim)). cos is even and sin odd (exactly so in floating point: both reduce the
+    argument symmetrically), so cos and the *signed* sin come straight out: the signed sin carries rotate-half's
+    minus sign, -sin for dims [0, d/2), +sin after. Returns {type: (cos, signed sin)}, each
+    [*positions.shape, head_dim] (views of one table)."""
     f = positions[..., None].float() * signed_inv.to(positions.device)
     cos, sin = f.cos().to(dtype), f.sin().to(dtype)
     out, start = {}, 0

@@ -384,7 +384,7 @@ def step(
     flat = logits.view(positions, vocab_size)  # needs a contiguous buffer: never copy a [B, C, V] tensor
 
     # Draw first, in HF's per-row order (categorical, then renoise), so replay into HF lines up.
-    if hasattr(draws, "step_draws"):  # both draws in one pass (counter-based source)
+    if hasattr(draws, "step_draws"):  # both draws in one pass (the fast step's draws.StepDraws)
         u, noise = draws.step_draws(canvas_length, vocab_size)
     else:
         u, noise = draws.uniforms(canvas_length), draws.renoise(canvas_length, vocab_size)

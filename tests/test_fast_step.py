@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import GEN_CANVAS, GEN_KNOBS, GEN_STEPS, generation_models
 
-from dgemma.draws import CounterDraws, CounterStream, seed_keys
+from dgemma.draws import CounterDraws, CounterStream, StepDraws, draw_key, seed_keys
 from dgemma.engine import Engine, EngineConfig
 from dgemma.sampling_params import SamplingParams
 
@@ -91,7 +91,10 @@ def test_counter_draws_are_uniform_keyed_and_replayable():
     assert torch.equal(stream.initial_canvas(16, 50), first)
     assert torch.equal(stream.select([2]).uniforms(16), second[2:3])
     assert torch.equal(stream.select([0, 1, 3]).uniforms(16), second[[0, 1, 3]])
-    u2, n2 = CounterDraws(keys, counters + 2).step_draws(16, 50)
+    # The engine's step draws (keys of draws 2 and 3 computed on the host, in Python ints) are the stream's next two.
+    seeds = [0, 1, 2**32, 2**62 + 5]
+    host_keys = torch.tensor([[draw_key(seed_keys(s), 2), draw_key(seed_keys(s), 3)] for s in seeds])
+    u2, n2 = StepDraws(host_keys).step_draws(16, 50)
     assert torch.equal(u2, stream.uniforms(16)) and torch.equal(n2, stream.renoise(16, 50))
 
 
