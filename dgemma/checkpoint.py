@@ -5,11 +5,13 @@ layer_scalar` the encoder-mode scalars, `model.encoder.vision_tower.*` / `model.
 tower. There is no `lm_head.weight` (tied to the embedding). A single `model.safetensors` or shards listed in
 `model.safetensors.index.json`.
 
-Loading builds the model on the meta device and moves each tensor in from the memory-mapped file one at a time, so
-no second full copy is ever held. Every expected tensor must be present and no unexpected one left; errors list the
-offending names. When the checkpoint holds a vision tower, it loads into `model.vision` (vision.py) under the same
-rule; vision tensors dgemma does not model (a vestigial `embed_vision.embedding.*`) are carried over on save, so a
-load/save round trip keeps the checkpoint whole.
+Loading builds the model on the meta device and reads each tensor straight onto the target device and dtype (or
+quantises it to FP8) one at a time (weight_file.py): a tensor kept on the CPU in its file's dtype is the
+memory-mapped view; anything else is read a few MB at a time, so no host copy of the model is ever held. Every
+expected tensor must be present and no unexpected one left; errors list the offending names. When the checkpoint
+holds a vision tower, it loads into `model.vision` (vision.py) under the same rule; vision tensors dgemma does not
+model (a vestigial `embed_vision.embedding.*`) are carried over on save, so a load/save round trip keeps the
+checkpoint whole.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from . import fp8
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .model import DiffusionGemma
+from .weight_file import WeightFile
 
 log = logging.getLogger("dgemma")
 
@@ -135,6 +138,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     generation = GenerationConfig.from_file(path / "generation_config.json")
     files = weight_files(path)
     want = parse_dtype(dtype)
+    target = _target(device)
 
     with torch.device("meta"):
         model = DiffusionGemma(config)
@@ -153,7 +157,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     progress = _progress(files)
     try:
         for file in files:
-            _load_file(model, file, expected, want, found, unexpected, passthrough, experts)
+            _load_file(model, file, expected, want, target, found, unexpected, passthrough, experts)
             if progress is not None:
                 progress.advance(progress.task_ids[0], file.stat().st_size)
     finally:
@@ -173,22 +177,23 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         _vision_warned.add(str(path))
         log.warning("%s has vision tensors but no vision_config: loading the text model only", path)
     model.reset_rope()  # non-persistent buffers are still on the meta device
-    model.to(device)
+    model.to(target)  # every weight is there already: this moves the RoPE tables only
     model.eval()
     if scheme is not None:
-        fp8.prime(device)
+        fp8.prime(target)
     return Checkpoint(model, config, generation, path, passthrough)
 
 
-def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: list, passthrough: dict,
-               experts: fp8.ExpertStacker | None = None) -> None:
-    """Move one shard's tensors into the meta-device model (vision tensors are only noted, for save)."""
+def _load_file(model, file: Path, expected: dict, want, device: torch.device, found: set, unexpected: list,
+               passthrough: dict, experts: fp8.ExpertStacker | None = None) -> None:
+    """Move one shard's tensors into the meta-device model, each straight to `device` (vision tensors dgemma does
+    not model are only noted, for save)."""
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
+        reader = WeightFile(file)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    with handle as f:
-        for name in f.keys():
+    with reader:
+        for name in reader.names():
             if name == "lm_head.weight":
                 continue  # tied to the embedding; some exporters write it anyway
             if name not in expected:
@@ -196,7 +201,7 @@ def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: 
                 if m and from_checkpoint_name(m["module"]) is not None:
                     try:
                         experts.take(model, from_checkpoint_name(m["module"]), int(m["e"]),
-                                     m["proj"], m["kind"], _read(f, name, file, None))
+                                     m["proj"], m["kind"], _read(reader, name, device, None))
                     except (ValueError, AttributeError) as e:
                         raise CheckpointError(f"{file}: tensor {name}: {e}") from None
                 elif name.startswith(_VISION):
@@ -204,40 +209,52 @@ def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: 
                 else:
                     unexpected.append(name)
                 continue
-            _assign_fp8(model, expected[name], f, name, file, want)
+            _assign_fp8(model, expected[name], reader, name, want, device)
             found.add(name)
 
 
-def _assign_fp8(model, pname: str, f, name: str, file: Path, want) -> None:
+def _assign_fp8(model, pname: str, reader: WeightFile, name: str, want, device: torch.device) -> None:
     """Assign one tensor; FP8 destinations take an FP8 weight and its scale as they are (the scale as fp32 [out, 1]),
-    or a float weight quantised here (its scale computed alongside)."""
+    or a float weight quantised here, on the device, a slab of rows at a time (its scale computed alongside)."""
+    file = reader.path
     mod_name, _, attr = pname.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     cur = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
     is_scale = attr in fp8.SCALES and attr in mod._buffers
     if cur is None or not (fp8.is_quantized(cur) or is_scale):
-        t = _read(f, name, file, want)
+        t = _read(reader, name, device, want)
         if fp8.is_quantized(t):
             raise CheckpointError(f"{file}: tensor {name} is FP8, but config.json has no FP8 quantization_config "
                                   "that covers it (is it on the ignore list?)")
         return _assign(model, pname, t, name, file)
-    if fp8.is_quantized(cur) and not is_scale and f.get_slice(name).get_dtype() != "F8_E4M3":  # quantise here
+    if fp8.is_quantized(cur) and not is_scale and reader.dtype(name) != fp8.FP8:  # quantise here
+        if tuple(reader.entries[name].shape) != tuple(cur.shape):
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(reader.entries[name].shape)}, "
+                                  f"config.json implies {tuple(cur.shape)}")
         try:
-            t, scale = fp8.quantize_from_file(file, name)
-        except (ValueError, KeyError, OSError) as e:
+            t, scale = reader.read_quantized(name, device)
+        except (ValueError, OSError) as e:
             raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
-        if tuple(t.shape) != tuple(cur.shape):
-            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{tuple(cur.shape)}")
         mod._buffers[attr + fp8.SCALE_SUFFIX] = scale
         return _assign(model, pname, t, name, file)
-    t = _read(f, name, file, None)
+    t = _read(reader, name, device, None)
     if is_scale:
         try:
             t = fp8.channel_scale(t, cur.shape[-2])
         except ValueError as e:
             raise CheckpointError(f"{file}: tensor {name}: {e}") from None
     _assign(model, pname, t, name, file)
+
+
+def _target(device: str | torch.device) -> torch.device:
+    """The device to load onto, or a one-line ValueError when torch cannot put tensors there."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device {device!r} cannot be used here ({why})") from None
+    return dev
 
 
 def _vision_for(config: ModelConfig, files: list[Path]):
@@ -276,14 +293,17 @@ def _names(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _read(f, name: str, file: Path, want: torch.dtype | None) -> torch.Tensor:
+def _read(reader: WeightFile, name: str, device: torch.device, want: torch.dtype | None) -> torch.Tensor:
+    """One float or FP8 tensor on `device`, in `want` (None: the file's dtype; FP8 stays FP8)."""
+    dtype = reader.dtype(name)
+    if dtype not in FLOAT_DTYPES and dtype != fp8.FP8:
+        raise CheckpointError(f"{reader.path}: tensor {name} has dtype {dtype}; expected float32, bfloat16 or "
+                              "float16")
     try:
-        t = f.get_tensor(name)
+        return reader.read(name, device, None if dtype == fp8.FP8 else want)
     except Exception as e:
-        raise CheckpointError(f"{file}: tensor {name} cannot be read ({e}); the file may be truncated") from None
-    if t.dtype not in FLOAT_DTYPES and t.dtype != fp8.FP8:
-        raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
-    return t if want is None or fp8.is_quantized(t) or t.dtype == want else t.to(want)
+        raise CheckpointError(f"{reader.path}: tensor {name} cannot be read ({e}); the file may be truncated") \
+            from None
 
 
 def _assign(model: nn.Module, pname: str, t: torch.Tensor, name: str, file: Path) -> None:

@@ -105,59 +105,22 @@ class Fp8Scheme:
 # MARK: quantise, dequantise
 
 
-def quantize(w: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, chunk_elements: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., out, in] float -> (fp8 [..., out, in], fp32 scale [..., out, 1]): one scale per output row, the row's
-    largest magnitude mapped to 448 (an all-zero row gets scale 1). Rows go a few MB at a time, so quantising a
-    large memory-mapped tensor holds no fp32 copy of it."""
+    largest magnitude mapped to 448 (an all-zero row gets scale 1). Rows go a few MB at a time, and each chunk makes
+    one fp32 temporary (the division promotes), so quantising a large tensor holds no fp32 copy of it. Checkpoints
+    quantise on load through `weight_file.WeightFile.read_quantized`, a slab of rows from the file at a time."""
     rows = w.reshape(-1, w.shape[-1])
     q = torch.empty(rows.shape, dtype=FP8, device=w.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=w.device)
     step = max(1, chunk_elements // max(1, rows.shape[1]))
     for i in range(0, rows.shape[0], step):
-        wf = rows[i:i + step].float()
-        amax = wf.abs().amax(dim=-1, keepdim=True)
+        part = rows[i:i + step]
+        amax = torch.maximum(part.amax(dim=-1, keepdim=True), -part.amin(dim=-1, keepdim=True)).float()
         s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q[i:i + step] = (wf / s).clamp_(-FP8_MAX, FP8_MAX)  # not in place: wf may be the caller's fp32 tensor
+        q[i:i + step] = torch.div(part, s).clamp_(-FP8_MAX, FP8_MAX)  # part / s is computed in fp32
         scale[i:i + step] = s
     return q.view(w.shape), scale.view(*w.shape[:-1], 1)
-
-
-_FILE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def quantize_from_file(file, name: str, chunk_bytes: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize` of a float tensor of a safetensors file, read with plain file reads a few rows at a time (never
-    memory-mapped, so the float bytes never become part of this process's resident memory: a checkpoint quantised
-    on load peaks near its FP8 size, not its float size)."""
-    import json
-    import struct
-
-    with open(file, "rb", buffering=0) as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        entry = json.loads(fh.read(n))[name]
-        dtype = _FILE_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"dtype {entry['dtype']} cannot be quantised (expected BF16, F16 or F32)")
-        shape, start = entry["shape"], 8 + n + entry["data_offsets"][0]
-        cols, size = shape[-1], torch.empty((), dtype=dtype).element_size()
-        rows = entry["data_offsets"][1] - entry["data_offsets"][0]
-        rows //= max(1, cols * size)
-        q = torch.empty(rows, cols, dtype=FP8)
-        scale = torch.empty(rows, 1, dtype=torch.float32)
-        step = max(1, chunk_bytes // max(1, cols * size))
-        buf = bytearray(min(step, max(rows, 1)) * cols * size)
-        for i in range(0, rows, step):
-            k = min(step, rows - i)
-            view = memoryview(buf)[:k * cols * size]
-            fh.seek(start + i * cols * size)
-            got = 0
-            while got < len(view):
-                r = fh.readinto(view[got:])
-                if not r:
-                    raise ValueError("the file ends inside the tensor (truncated?)")
-                got += r
-            q[i:i + k], scale[i:i + k] = quantize(torch.frombuffer(view, dtype=dtype).view(k, cols))
-    return q.view(shape), scale.view(*shape[:-1], 1)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -271,8 +234,8 @@ class ExpertStacker:
         attr = "down_proj" if proj == "down_proj" else "gate_up_proj"
         target = attr if kind == "weight" else attr + SCALE_SUFFIX
         cur = getattr(mod, target)
-        if cur.is_meta:  # the first piece: the stacked tensor becomes real
-            cur = torch.empty(cur.shape, dtype=cur.dtype)
+        if cur.is_meta:  # the first piece: the stacked tensor becomes real, on the pieces' device
+            cur = torch.empty(cur.shape, dtype=cur.dtype, device=t.device)
             if kind == "weight":
                 mod._parameters[attr] = nn.Parameter(cur, requires_grad=False)
             else:

@@ -211,21 +211,32 @@ def test_fp8_model_saves_as_compressed_tensors_and_reloads_identically(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_quantize_from_file_reads_in_chunks_what_quantize_gives(tmp_path, dtype):
-    """Quantising straight from the file, a few rows per read, gives fp8.quantize of the tensor, for 2-D and 3-D
-    tensors; a truncated file is an error, not garbage."""
+def test_weight_file_reads_in_slabs_what_the_file_holds(tmp_path, dtype):
+    """WeightFile reads a tensor a few rows per read: converted to another dtype it equals the tensor's `.to`, and
+    quantised it equals fp8.quantize of the tensor, for 0-D, 1-D, 2-D and 3-D tensors; kept in its dtype on the CPU
+    it is the memory-mapped tensor; a truncated file is an error, not garbage."""
+    from dgemma.weight_file import WeightFile
+
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(37, 24, generator=g).to(dtype), "b": torch.randn(3, 10, 16, generator=g).to(dtype)}
+    tensors = {"a": torch.randn(37, 24, generator=g).to(dtype), "b": torch.randn(3, 10, 16, generator=g).to(dtype),
+               "c": torch.randn(5, generator=g).to(dtype), "d": torch.tensor(2.5, dtype=dtype)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    for name, t in tensors.items():
-        q, s = fp8.quantize_from_file(tmp_path / "t.safetensors", name, chunk_bytes=7 * 24 * 2)
-        want_q, want_s = fp8.quantize(t)
-        assert q.shape == t.shape and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-        assert torch.equal(s, want_s)
-    data = (tmp_path / "t.safetensors").read_bytes()
-    (tmp_path / "t.safetensors").write_bytes(data[:-40])
-    with pytest.raises(ValueError, match="truncated"):
-        fp8.quantize_from_file(tmp_path / "t.safetensors", "b")
+    with WeightFile(tmp_path / "t.safetensors", slab_bytes=7 * 24 * 2) as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.read(name), t) and f.read(name).dtype == dtype
+            for to in (torch.float32, torch.bfloat16, torch.float16):
+                got = f.read(name, "cpu", to)
+                assert got.dtype == to and got.shape == t.shape and torch.equal(got, t.to(to)), (name, to)
+            if t.ndim >= 2:
+                q, s = f.read_quantized(name)
+                want_q, want_s = fp8.quantize(t)
+                assert q.shape == t.shape and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+                assert torch.equal(s, want_s)
+    with WeightFile(tmp_path / "t.safetensors") as f:  # the file shrinks under an open reader
+        with open(tmp_path / "t.safetensors", "r+b") as fh:
+            fh.truncate(f.entries["b"].start + 8)
+        with pytest.raises(ValueError, match="truncated"):
+            f.read("b", "cpu", torch.float64)
 
 
 def test_quantize_is_within_fp8_rounding():
