@@ -210,6 +210,56 @@ def test_fp8_model_saves_as_compressed_tensors_and_reloads_identically(tmp_path)
     assert torch.equal(decoder_logits(checkpoint.load(tmp_path / "shards").model), decoder_logits(q.model))
 
 
+def test_transformers_loads_the_fp8_export_to_the_same_logits(tmp_path, monkeypatch):
+    """The round trip: a transformers model, quantised by dgemma as it loads and saved (the compressed-tensors FP8
+    checkpoint `dgemma export --quantization fp8` writes), loads back in transformers 5.23 with compressed-tensors
+    (decompressed on load: `CompressedTensorsConfig(dequantize=True)`, and the per-expert FP8 Linear weights merged
+    into its 3-D experts by a registered conversion mapping, docs/fp8.md). Every weight is dgemma's dequantised
+    weight bit for bit, and the decoder logits equal dgemma's FP8 model's (exact mode) to 1e-5, over two models."""
+    from helpers import make_hf_model
+    from transformers import CompressedTensorsConfig, DiffusionGemmaForBlockDiffusion, DynamicCache
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    for seed in range(2):  # saved before the mapping is registered (save_pretrained would split the experts too)
+        make_hf_model(canvas_length=8, seed=seed).save_pretrained(tmp_path / f"hf{seed}")
+    conversion_mapping.get_checkpoint_conversion_mapping("diffusion_gemma")  # builds the registry
+    monkeypatch.setitem(conversion_mapping._checkpoint_conversion_mapping_cache, "diffusion_gemma", [
+        WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
+                        target_patterns="experts.gate_up_proj", operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+        WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
+                        operations=[MergeModulelist(dim=0)])])
+    for seed in range(2):
+        q = checkpoint.load(tmp_path / f"hf{seed}", quantization="fp8")
+        checkpoint.save(q.model, tmp_path / f"fp8_{seed}", q.generation)
+        back, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            tmp_path / f"fp8_{seed}", quantization_config=CompressedTensorsConfig(dequantize=True),
+            output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        hf = back.state_dict()
+        for name, t in q.model.state_dict().items():
+            if "inv_freq" in name or name.endswith(fp8.SCALE_SUFFIX):
+                continue
+            mod, _, attr = name.rpartition(".")
+            scale = getattr(q.model.get_submodule(mod), attr + fp8.SCALE_SUFFIX, None)
+            want = t if scale is None else fp8.dequantize(t, scale, torch.float32)
+            assert torch.equal(hf[checkpoint.to_checkpoint_name(name)], want), name
+        g = torch.Generator().manual_seed(seed)
+        prompt, canvas = torch.randint(0, 96, (1, 11), generator=g), torch.randint(0, 96, (1, 8), generator=g)
+        with torch.no_grad():
+            cache = DynamicCache(config=back.config.text_config)
+            back.model.encoder(input_ids=prompt, past_key_values=cache, use_cache=True)
+            ref = back(decoder_input_ids=canvas, past_key_values=cache).logits
+            with batch_invariant.mode(True):
+                kv = KVCache(q.model.text, num_slots=1, capacity=11 + 8)
+                seg = EncodeSegment(kv, prompt, slots=[0])
+                q.model([seg])
+                seg.finish()
+                (hidden,) = q.model([DecodeSegment(kv, canvas, slots=[0])])
+                got = q.model.logits(hidden)
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5, seed
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_weight_file_reads_in_slabs_what_the_file_holds(tmp_path, dtype):
     """WeightFile reads a tensor a few rows per read: converted to another dtype it equals the tensor's `.to`, and
