@@ -167,8 +167,7 @@ def prepare(model: nn.Module, scheme: Fp8Scheme, checkpoint_name: Callable[[str]
             setattr(mod, attr, nn.Parameter(torch.empty(w.shape, dtype=FP8, device=w.device), requires_grad=False))
             setattr(mod, attr + SCALE_SUFFIX, torch.empty(*w.shape[:-1], 1, dtype=torch.float32, device=w.device))
             scales.append(f"{name}.{attr}{SCALE_SUFFIX}")
-        if attrs == ("weight",):
-            mod.fp8_activations = scheme.dynamic_activations
+        mod.fp8_activations = scheme.dynamic_activations
     return scales
 
 
@@ -186,8 +185,7 @@ def quantize_model(model: nn.Module, scheme: Fp8Scheme | None = None) -> nn.Modu
             q, scale = quantize(getattr(mod, attr))
             setattr(mod, attr, nn.Parameter(q, requires_grad=False))
             setattr(mod, attr + SCALE_SUFFIX, scale)
-        if attrs == ("weight",):
-            mod.fp8_activations = scheme.dynamic_activations
+        mod.fp8_activations = scheme.dynamic_activations
     prime(next(model.parameters()).device)
     for m in model.modules():  # fused fast-path weights were views of the float ones: rebuilt on the next fuse
         if getattr(m, "fused", None) is not None:
@@ -290,18 +288,51 @@ def prime(device: torch.device | str) -> None:
         _capability(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
 
 
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 activations: x [M, K] -> (fp8 [M, K], fp32 scale [M, 1]), each row's largest magnitude
+    at 448, computed on the device (no host sync). The numbers of `quantize` for every row that is not all zero."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def scaled_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 @ fp8 w [N, K]^T with per-channel w_scale [N, 1]: x is quantised per token (one scale per
-    row, on the device: no host sync), then one `torch._scaled_mm` with row-wise scales, bf16 out.
+    """x [..., K] bf16 @ fp8 w [N, K]^T with per-channel w_scale [N, 1]: x is quantised per token, then one
+    `torch._scaled_mm` with row-wise scales, bf16 out.
     The tests run it through torch's CPU `_scaled_mm`; the CUDA kernel itself never ran here (no GPU)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], w.shape[0])
-    x_scale = x2.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12) / FP8_MAX  # [M, 1]
-    xq = (x2.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    xq, x_scale = quantize_tokens(x2)
     out = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1), out_dtype=x.dtype)
     return out.reshape(*shape[:-1], w.shape[0])
+
+
+GROUPED_CAPABILITIES = ((9, 0), (10, 0))  # where torch's _scaled_grouped_mm has a kernel (not sm89, not sm120)
+
+
+def scaled_grouped_mm_ok(x: torch.Tensor, *stacks: torch.Tensor) -> bool:
+    """Whether `scaled_grouped_mm` can run for these expert stacks: CUDA sm90 or sm100, bf16 activations, every
+    stack's two matrix dims multiples of 16, and a torch that has the op."""
+    return x.is_cuda and grouped_supported(_capability(x.device), x.dtype, *(w.shape for w in stacks))
+
+
+def grouped_supported(capability: tuple[int, int], dtype: torch.dtype, *shapes) -> bool:
+    """`scaled_grouped_mm_ok` for a device of this capability (the rule itself, testable without a GPU)."""
+    return (capability in GROUPED_CAPABILITIES and dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
+            and all(s[-1] % 16 == 0 and s[-2] % 16 == 0 for s in shapes))
+
+
+def scaled_grouped_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The FP8 experts' grouped GEMM on CUDA: rows of x [S, K] bf16, sorted by expert, group g ending at offs[g]
+    (int32, on the device), times fp8 w[g] [N, K]^T with per-channel w_scale [G, N, 1] -> [S, N] bf16. x is quantised
+    per token (row-wise scales [S]), then one `torch._scaled_grouped_mm`: out[s, n] = sum_k xq[s, k] wq[g, n, k] *
+    x_scale[s] * w_scale[g, n]. Layouts as the kernel wants them: xq row-major, w.transpose(1, 2) column-major
+    [G, K, N] (a view: no copy of the stack), scales fp32 [S] and [G, N]. No host sync, no loop over experts.
+    The CUDA kernel never ran here (no GPU): the tests run this through a dequantised reference of the op."""
+    xq, x_scale = quantize_tokens(x)
+    return torch._scaled_grouped_mm(xq, w.transpose(1, 2), x_scale.reshape(-1), w_scale[..., 0], offs=offs,
+                                    out_dtype=torch.bfloat16)
 
 
 # MARK: saving

@@ -108,6 +108,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
+    fp8_activations = False  # FP8 experts: quantise activations per token for the FP8 grouped GEMM (fp8.prepare)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         e, h, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -136,9 +138,17 @@ class Experts(nn.Module):
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
         w1, w2 = self.gate_up_proj, self.down_proj
+        ends = self._ends
+        if ends is None or ends.device != ids.device:
+            ends = self._ends = torch.arange(1, w1.shape[0] + 1, device=ids.device)
+        offs = torch.searchsorted(ids, ends, out_int32=True)
         s1 = s2 = None
         if self.gate_up_proj_scale is not None:
-            # FP8 (fp8.py): the cast to the activation dtype is exact (e4m3 fits bf16/fp16/fp32); each expert's
+            if self.fp8_activations and not torch.is_autocast_enabled(xs.device.type) \
+                    and fp8.scaled_grouped_mm_ok(xs, w1, w2):  # CUDA sm90/sm100: the FP8 grouped GEMM
+                gate, up = fp8.scaled_grouped_mm(xs, w1, self.gate_up_proj_scale, offs).chunk(2, dim=-1)
+                return fp8.scaled_grouped_mm(gelu_tanh(gate) * up, w2, self.down_proj_scale, offs)
+            # Elsewhere (fp8.py): the cast to the activation dtype is exact (e4m3 fits bf16/fp16/fp32); each expert's
             # per-row weight scale multiplies its output columns after the GEMM (a gather of [S, N] scales), so no
             # scaled copy of the stack is made: the GEMM reads the cast stack once.
             w1, w2 = w1.to(xs.dtype), w2.to(xs.dtype)
@@ -146,10 +156,6 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not on autocast's list; cast as F.linear would
             dtype = torch.get_autocast_dtype(xs.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
-        ends = self._ends
-        if ends is None or ends.device != ids.device:
-            ends = self._ends = torch.arange(1, w1.shape[0] + 1, device=ids.device)
-        offs = torch.searchsorted(ids, ends, out_int32=True)
         gate, up = _scaled(_grouped_mm(xs, w1.transpose(1, 2), offs), s1).chunk(2, dim=-1)
         return _scaled(_grouped_mm(gelu_tanh(gate) * up, w2.transpose(1, 2), offs), s2)
 

@@ -344,20 +344,74 @@ def test_scaled_linear_is_the_product_of_per_token_fp8_activations_and_fp8_weigh
         assert 1e-3 < rel_err(got, exact) < 0.05
 
 
+def reference_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=None):
+    """torch._scaled_grouped_mm (2-D a, 3-D b, row-wise scales) as dequantised fp32 products, group by group, with
+    the layout checks of its CUDA kernel; stands in for the kernel, which this CPU build lacks."""
+    assert a.dtype == b.dtype == fp8.FP8 and out_dtype == torch.bfloat16 and offs.dtype == torch.int32
+    assert a.stride(-1) == 1 and b.stride(-2) == 1, "a row-major, b column-major"
+    assert scale_a.shape == (a.shape[0],) and scale_b.shape == (b.shape[0], b.shape[2])
+    assert scale_a.dtype == scale_b.dtype == torch.float32 and a.shape[1] % 16 == 0 and b.shape[2] % 16 == 0
+    out, start = torch.zeros(a.shape[0], b.shape[2], dtype=out_dtype), 0
+    for g, end in enumerate(offs.tolist()):
+        deq_a = a[start:end].float() * scale_a[start:end, None]
+        out[start:end] = (deq_a @ (b[g].float() * scale_b[g][None, :])).to(out_dtype)
+        start = end
+    return out
+
+
+def test_scaled_grouped_mm_is_the_product_of_per_token_fp8_activations_and_each_experts_fp8_weights(monkeypatch):
+    """fp8.scaled_grouped_mm (the CUDA experts' path, run through a dequantised stand-in of the kernel) computes, per
+    row, dequant(x quantised per token) @ dequant(w[its group])^T, groups given by their ends (empty groups too),
+    over several seeds and shapes; the activation quantisation moves it 0.1-5% from the unquantised product."""
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", reference_scaled_grouped_mm, raising=False)
+    for seed, (g_, n, k, ends) in enumerate([(4, 32, 64, [5, 5, 17, 24]), (3, 48, 16, [0, 1, 9]),
+                                             (1, 16, 32, [7]), (5, 64, 32, [2, 4, 4, 30, 31])]):
+        gen = torch.Generator().manual_seed(seed)
+        w, ws = fp8.quantize(torch.randn(g_, n, k, generator=gen) * 0.1)
+        x = (torch.randn(ends[-1], k, generator=gen) * 3).bfloat16()
+        x[0] = 0  # an all-zero token
+        offs = torch.tensor(ends, dtype=torch.int32)
+        got = fp8.scaled_grouped_mm(x, w, ws, offs)
+        assert got.dtype == torch.bfloat16 and got.shape == (ends[-1], n)
+        group = torch.searchsorted(offs, torch.arange(ends[-1], dtype=torch.int32), right=True)
+        xq, xs = fp8.quantize(x)
+        deq_w = fp8.dequantize(w, ws, torch.float32)[group]  # [S, N, K]: each row's expert
+        want = torch.einsum("sk,snk->sn", fp8.dequantize(xq, xs, torch.float32), deq_w)
+        assert rel_err(got, want) <= 4e-3, seed
+        assert not got[0].any()
+        exact = torch.einsum("sk,snk->sn", x.float(), deq_w)
+        assert 1e-3 < rel_err(got, exact) < 0.05, seed
+
+
+def test_scaled_grouped_mm_runs_only_where_torch_has_the_kernel():
+    """The guard: sm90 and sm100 only (torch's kernel set: not sm89, not sm120), bf16, both dims multiples of 16,
+    and never on the CPU."""
+    ok = fp8.grouped_supported
+    assert ok((9, 0), torch.bfloat16, (8, 64, 32), (8, 32, 48)) and ok((10, 0), torch.bfloat16, (8, 64, 32))
+    assert not ok((8, 9), torch.bfloat16, (8, 64, 32)) and not ok((12, 0), torch.bfloat16, (8, 64, 32))
+    assert not ok((9, 0), torch.float16, (8, 64, 32)) and not ok((9, 0), torch.bfloat16, (8, 64, 32), (8, 24, 64))
+    assert not fp8.scaled_grouped_mm_ok(torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(2, 32, 64))
+
+
 def test_model_on_the_fp8_gemm_path_generates_near_the_dequantised_path(monkeypatch):
-    """With the FP8 GEMM allowed off CUDA, the default model's fast mode runs every dense FP8 layer through
-    torch._scaled_mm: it still writes text, its logits stay within 5% of the dequantised path's, and exact mode
-    never takes it (batch invariance needs the tiled matmul)."""
+    """With the FP8 GEMMs allowed off CUDA, the default model's fast mode runs every dense FP8 layer through
+    torch._scaled_mm and the experts through torch._scaled_grouped_mm (here a dequantised stand-in of the CUDA
+    kernel): it still writes text, its logits stay within 5% of the dequantised path's, and exact mode never takes
+    them (batch invariance needs the tiled matmul)."""
     q = LLM(dtype="bfloat16", quantization="fp8", batch_invariant=False)
     base = [decoder_logits(q.model, seed, "fast") for seed in range(3)]
-    calls = []
+    calls, grouped = [], []
     real = fp8.scaled_linear
     monkeypatch.setattr(fp8, "scaled_mm_ok", lambda x, w: x.dtype == torch.bfloat16)
     monkeypatch.setattr(fp8, "scaled_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fp8, "scaled_grouped_mm_ok", lambda x, *w: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm",
+                        lambda *a, **k: grouped.append(1) or reference_scaled_grouped_mm(*a, **k), raising=False)
     decoder_logits(q.model, 0, "exact")
-    assert not calls
+    assert not calls and not grouped
     errs = [rel_err(decoder_logits(q.model, seed, "fast"), b) for seed, b in enumerate(base)]
-    assert calls and max(errs) < 0.05, errs
+    # 3 seeds x 2 forwards (prompt, canvas) x 2 GEMMs per layer
+    assert calls and len(grouped) == 3 * 2 * 2 * q.model.text.num_hidden_layers and max(errs) < 0.05, errs
     out = q.generate(["ROMEO:"], SamplingParams(max_new_tokens=32, seed=0))[0]
     assert len(out.token_ids) == 32 and out.text.strip()
 
@@ -420,6 +474,44 @@ def test_fp8_model_compiles_fullgraph(tmp_path):
         torch._dynamo.reset()
         compiled = torch.compile(fp8.scaled_linear, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(xb, w.weight, w.weight_scale), fp8.scaled_linear(xb, w.weight, w.weight_scale))
+
+
+def test_fp8_experts_on_the_scaled_grouped_gemm_trace_fullgraph(tmp_path, monkeypatch):
+    """The FP8 experts on the CUDA path trace with torch.compile(fullgraph=True) (so no host sync and no loop over
+    experts): two torch._scaled_grouped_mm calls and no other GEMM, their layouts accepted by the op's own shape
+    checks (its meta kernel, run on fake tensors while tracing; a contiguous [G, K, N] stack would be refused);
+    the graph, run with a dequantised stand-in of the kernel, gives the eager result, within 5% of the exact path."""
+    model = tiny_model(2)
+    checkpoint.save(model, tmp_path / "f")
+    experts = checkpoint.load(tmp_path / "f", dtype="bfloat16", quantization="fp8").model.layers[0].experts
+    monkeypatch.setattr(fp8, "scaled_grouped_mm_ok", lambda x, *w: x.dtype == torch.bfloat16)
+    kernel, graphs = torch._scaled_grouped_mm, []
+
+    def substitute(gm, example_inputs):  # the traced graph, its kernel calls pointed at the stand-in
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        for node in gm.graph.nodes:
+            if node.target is kernel:
+                node.target = reference_scaled_grouped_mm
+        gm.recompile()
+        return gm
+
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(24, 64, generator=g).bfloat16()
+        idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(24)])
+        weights = torch.rand(24, 2, generator=g)
+        with torch.no_grad(), batch_invariant.mode(False):
+            torch._dynamo.reset()
+            compiled = torch.compile(experts, fullgraph=True, backend=substitute)(x, weights, idx)
+            with monkeypatch.context() as m:
+                m.setattr(torch, "_scaled_grouped_mm", reference_scaled_grouped_mm)
+                eager = experts(x, weights, idx)
+        with torch.no_grad(), batch_invariant.mode(True):
+            exact = experts(x, weights, idx)
+        assert torch.equal(compiled, eager) and rel_err(eager, exact) < 0.05, seed
+    ops = graphs[-1]
+    assert sum("scaled_grouped_mm" in op for op in ops) == 2 and not any("grouped_mm" in op and "scaled" not in op
+                                                                         for op in ops), ops
 
 
 # MARK: bad checkpoints
