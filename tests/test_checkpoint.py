@@ -177,3 +177,18 @@ def test_sliding_layers_keep_only_their_window():
     sliding = need - full_only
     assert sliding == 25 * 2 * 1023 * 8 * 256 * 2  # 25 sliding layers x (K, V) x 1023 positions, bf16
     assert need < 1.1 * full_only
+
+
+def test_device_torch_cannot_use_is_a_one_line_error(saved):
+    """Loading onto a device this machine lacks fails before reading anything, in one line naming the device."""
+    with pytest.raises(ValueError, match=r"^device 'cuda:99' cannot be used here \([^\n]+\)$"):
+        checkpoint.load(saved, device="cuda:99")
+
+
+def test_converted_and_kept_tensors_load_alike(saved):
+    """A tensor kept in its dtype is the memory-mapped view; one converted is read a slab at a time (the path every
+    non-CPU device takes): both give the checkpoint's numbers."""
+    as_is = checkpoint.load(saved).model
+    converted = checkpoint.load(saved, dtype=torch.bfloat16).model
+    for (name, a), b in zip(as_is.state_dict().items(), converted.state_dict().values()):
+        assert b.dtype == torch.bfloat16 and torch.equal(b, a.bfloat16()), name
