@@ -32,7 +32,8 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
 class Entry:
     """Where one tensor lies in the file."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a dtype torch cannot hold (`kind` names it)
+    kind: str  # the file's dtype name: BF16, F8_E4M3, ...
     shape: tuple[int, ...]
     start: int  # byte offset of its data in the file
     nbytes: int
@@ -67,10 +68,9 @@ class WeightFile:
         header.pop("__metadata__", None)
         self.entries: dict[str, Entry] = {}
         for name, e in header.items():
-            if e["dtype"] not in DTYPES:
-                raise ValueError(f"tensor {name} has dtype {e['dtype']}, which torch cannot hold")
             begin, end = e["data_offsets"]
-            self.entries[name] = Entry(DTYPES[e["dtype"]], tuple(e["shape"]), 8 + n + begin, end - begin)
+            self.entries[name] = Entry(DTYPES.get(e["dtype"]), e["dtype"], tuple(e["shape"]), 8 + n + begin,
+                                       end - begin)
         self._fh = None
 
     def __enter__(self) -> WeightFile:
@@ -85,13 +85,17 @@ class WeightFile:
     def names(self) -> list[str]:
         return list(self._mmap.keys())
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name].dtype
+    def dtype(self, name: str) -> torch.dtype | str:
+        """The tensor's torch dtype, or the file's name for one torch cannot hold."""
+        e = self.entries[name]
+        return e.dtype or e.kind
 
     def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor on `device` in `dtype` (None: the file's). On the CPU in the file's dtype: the memory-mapped
         view; otherwise read slab by slab into a tensor allocated on the device."""
         e, device = self.entries[name], torch.device(device)
+        if e.dtype is None:
+            raise ValueError(f"dtype {e.kind} is not one torch can hold")
         dtype = dtype or e.dtype
         if device.type == "cpu" and dtype == e.dtype:
             return self._mmap.get_tensor(name)
