@@ -109,7 +109,8 @@ class WeightFile:
         of rows quantised on the device as it arrives."""
         e, device = self.entries[name], torch.device(device)
         if e.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"dtype {e.dtype} cannot be quantised (expected bfloat16, float16 or float32)")
+            raise ValueError(f"dtype {e.dtype or e.kind} cannot be quantised (expected bfloat16, float16 or "
+                             "float32)")
         q = torch.empty(e.rows, e.cols, dtype=fp8.FP8, device=device)
         scale = torch.empty(e.rows, 1, dtype=torch.float32, device=device)
         for row, slab in self._slabs(e):

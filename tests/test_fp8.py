@@ -226,7 +226,8 @@ def test_transformers_loads_the_fp8_export_to_the_same_logits(tmp_path, monkeypa
     conversion_mapping.get_checkpoint_conversion_mapping("diffusion_gemma")  # builds the registry
     monkeypatch.setitem(conversion_mapping._checkpoint_conversion_mapping_cache, "diffusion_gemma", [
         WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
-                        target_patterns="experts.gate_up_proj", operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+                        target_patterns="experts.gate_up_proj",
+                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
         WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
                         operations=[MergeModulelist(dim=0)])])
     for seed in range(2):
