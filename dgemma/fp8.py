@@ -14,9 +14,14 @@ Compute:
   `torch._scaled_mm` on fp8 activations (row-wise scales) and fp8 weights (per-channel scales), fast mode only;
 - elsewhere (the CPU, exact mode) a dense weight is dequantised per use, fp8 -> fp32 * scale -> the activation
   dtype, and the ordinary matmul runs;
-- the experts in fast mode (on CUDA too: the documented fallback) cast the stack to the activation dtype (exact),
-  run the two grouped GEMMs and multiply each output column by its expert's row scale (moe.Experts._grouped): no
-  host sync, no loop over experts. In exact mode the experts hit are dequantised per use.
+- the experts in fast mode, on CUDA sm90/sm100 with bf16 activations, run `torch._scaled_grouped_mm` on per-token
+  fp8 activations and the fp8 stacks with their per-channel scales (`scaled_grouped_mm`); elsewhere (the documented
+  fallback) they cast the stack to the activation dtype (exact), run the two grouped GEMMs and multiply each output
+  column by its expert's row scale (moe.Experts._grouped). Either way: no host sync, no loop over experts. In exact
+  mode the experts hit are dequantised per use.
+
+Quantisation on load reads the float tensor a slab of rows at a time onto the target device
+(`weight_file.WeightFile.read_quantized`) and quantises each slab there.
 
 Not quantised (the default ignore list of `--quantization fp8`): the router, the self-conditioning block, the
 vision tower, and everything that is not a Linear or the experts (embeddings, norms, scalars).
