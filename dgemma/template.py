@@ -182,7 +182,9 @@ def template_lark(parts: tuple[Part, ...]) -> str:
         name = f"hole{k}"
         seq.append(name)
         if part.json_schema is not None:
-            rules.append(f"{name}: %json {json.dumps(part.json_schema)}")
+            schema = part.json_schema if isinstance(part.json_schema, bool) else \
+                {**part.json_schema, "x-guidance": {"whitespace_flexible": False}}  # compact, as compile_grammar's
+            rules.append(f"{name}: %json {json.dumps(schema)}")
             continue
         if part.regex is not None:
             body = _regex_literal(part.regex)
