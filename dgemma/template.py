@@ -168,7 +168,8 @@ def _make_hole(opts: dict[str, Any], at: str) -> Part:
 
 
 def _regex_literal(pattern: str) -> str:
-    """A regex as a Lark /.../ literal (an unescaped '/' would end it)."""
+    """A regex as a Lark /.../ literal: an unescaped '/' would end it, a raw control character break its line."""
+    pattern = re.sub(r"[\x00-\x1f]", lambda m: f"\\x{{{ord(m.group()):x}}}", pattern)
     return "/" + re.sub(r"(?<!\\)/", r"\\/", pattern) + "/"
 
 

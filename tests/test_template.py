@@ -70,6 +70,10 @@ def test_template_parts_and_grammar():
     lark = template_lark(parts)
     assert lark.startswith('start: "Name: " hole1? "\\nAge: " hole3 " {{x}}"'), lark
     assert "/[^\\x{a}]+/" in lark  # the free hole stops at the next span's first character, "\n"
+    # a regex with '/' and a raw newline (from the JSON escape) still makes a valid Lark literal
+    slashed = 'd: {{regex="[0-9]+/[0-9]+\\n?"}}'
+    assert template_lark(parse_template(slashed)).endswith('HOLE1: /[0-9]+\\/[0-9]+\\x{a}?/\n')
+    SamplingParams(template=slashed)
 
 
 def test_pins_cover_fixed_spans_up_to_the_first_hole_of_unknown_length(lt):
