@@ -13,7 +13,7 @@ JSON escapes, [lists], {objects}); `{{}}` is a free hole with the default bound.
   that follows it (that character is where the hole ends); a regex or choice hole ends where its pattern is complete
   and, once it has N tokens, at the first point it may (llguidance's `max_tokens`).
 - `len=N`: exactly N tokens of any text (free holes only). The fixed text after it then sits at a known canvas
-  position and is pinned.
+  position and is pinned. (A len= hole that ends the template holds at most N: EOS may come sooner.)
 - `regex="..."`, `choice=[...]`, `json={...}` (a JSON schema): the hole's own constraint (at most one). A json hole is
   bounded by its schema (`maxLength`, `maxItems`, `enum`, ...): llguidance enforces token bounds only on terminals.
 - `text="..."`: not a hole but fixed text (the way to write a literal `{{`).
