@@ -98,6 +98,13 @@ def constraint_params(args) -> dict:
             out["grammar"] = Path(args.grammar).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--grammar: cannot read {args.grammar}: {getattr(e, 'strerror', None) or e}")
+    if args.template is not None:
+        out["template"] = args.template
+        if args.template.startswith("@"):
+            try:
+                out["template"] = Path(args.template[1:]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"--template: cannot read {args.template[1:]}: {getattr(e, 'strerror', None) or e}")
     return out
 
 
@@ -166,6 +173,9 @@ def generate_main(argv: list[str]) -> int:
     g.add_argument("--regex", help="a regex the whole output must match")
     g.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is exactly one of these strings")
     g.add_argument("--grammar", metavar="FILE", help="a context-free grammar file (Lark, llguidance's dialect)")
+    g.add_argument("--template", metavar="T", help="an infilling template: fixed text and {{...}} holes, e.g. "
+                   "$'Name: {{max=8}}\\nAge: {{regex=\"[0-9]+\"}}' (or @FILE); fixed spans at known positions are "
+                   "pinned on the canvas")
     args = p.parse_args(argv)
     constraint = constraint_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -9,7 +9,9 @@ argmax, so every commit is a valid prefix and the request ends only where the co
 advances the real matcher over the committed tokens: its state carries across canvases.
 
 `compile_grammar` turns the user's fields into an llguidance grammar and validates it without a tokenizer, so a
-bad schema or regex is rejected when the request is made (SamplingParams), with llguidance's message.
+bad schema or regex is rejected when the request is made (SamplingParams), with llguidance's message. A template
+(dgemma/template.py) compiles to a grammar too, and adds pinned positions: {output position: token} that the sweep
+forces (and the engine writes on the canvas before the first step), so they are never renoised.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def _llguidance():
 
 
 def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: tuple[str, ...] | None = None,
-                    grammar: str | None = None) -> str:
-    """An llguidance grammar for exactly one of the four kinds (a `grammar` is Lark text, llguidance's dialect);
-    raises ConstraintError when it is invalid."""
+                    grammar: str | None = None, template: str | None = None) -> str:
+    """An llguidance grammar for exactly one of the five kinds (a `grammar` is Lark text, llguidance's dialect; a
+    `template` is dgemma/template.py's syntax); raises ConstraintError when it is invalid."""
     L = _llguidance()
     M = L.LLMatcher
     if json_schema is not None:
@@ -66,12 +68,19 @@ def compile_grammar(json_schema: Any = None, regex: str | None = None, choice: t
     elif grammar is not None:
         lark, grammar = grammar, None
         grammar = M.grammar_from_lark(lark)
+    elif template is not None:
+        from .template import TemplateError, parse_template, template_lark
+        try:
+            grammar = M.grammar_from_lark(template_lark(parse_template(template)))
+        except TemplateError as e:
+            raise ConstraintError(str(e)) from None
     else:
         raise ConstraintError("no constraint given")
     failed, messages = M.validate_grammar_with_warnings(grammar)
     if failed:
         kind = ("json_schema" if json_schema is not None else "regex" if regex is not None
-                else "choice" if choice is not None else "grammar")
+                else "choice" if choice is not None else "template (a hole's regex or schema)"
+                if template is not None else "grammar")
         raise ConstraintError(f"invalid {kind}: " + "; ".join(m.strip() for m in messages))
     return grammar
 
@@ -89,16 +98,33 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_id: int):
     return _TOKENIZERS[key][1]
 
 
-class Constraint:
-    """One request's matcher: masks its canvas logits each step, advances on each commit."""
+def template_pins(template: str, ll_tok) -> dict[int, int]:
+    """{output position: token id} that a template pins (dgemma/template.py), tokenized by llguidance's view."""
+    from .template import parse_template, pinned_tokens
+    return pinned_tokens(parse_template(template), ll_tok.tokenize_str, ll_tok.decode_bytes)
 
-    def __init__(self, grammar: str, ll_tok, vocab_size: int, eos_id: int):
+
+class Constraint:
+    """One request's matcher: masks its canvas logits each step, advances on each commit.
+
+    `pins` ({output position: token id}, from a template) are forced by the sweep; `canvas_pins` says which fall on
+    the current canvas. After each `mask`, `allowed_counts` holds how many tokens each position allowed (for
+    traces: 1 = forced, V = unconstrained)."""
+
+    def __init__(self, grammar: str, ll_tok, vocab_size: int, eos_id: int, pins: dict[int, int] | None = None):
         L = _llguidance()
         self.matcher = L.LLMatcher(ll_tok, grammar)
         if self.matcher.is_error():
             raise ConstraintError(f"constraint cannot be used: {self.matcher.get_error()}")
         self.V, self.eos_id = vocab_size, eos_id
+        self.pins = dict(pins or {})
+        self.offset = 0  # output tokens committed so far: the output position of the canvas's first position
+        self.allowed_counts: list[int] = []
         self._bits = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
+
+    def canvas_pins(self, canvas_length: int) -> dict[int, int]:
+        """{canvas position: token} of the pins on the current canvas."""
+        return {p - self.offset: t for p, t in self.pins.items() if self.offset <= p < self.offset + canvas_length}
 
     def _allowed(self, matcher) -> Tensor:
         """[V] bool: the tokens `matcher` accepts next."""
@@ -107,10 +133,12 @@ class Constraint:
 
     def mask(self, logits: Tensor) -> list[int]:
         """Masks one canvas row of logits [C, V] in place (disallowed -> MASKED) by the left-to-right sweep; returns
-        the canvas the sweep committed to (the argmax of each masked position), a valid prefix of the constraint."""
+        the canvas the sweep committed to (the argmax of each masked position), a valid prefix of the constraint.
+        A pinned position allows its token only (which the matcher must allow there)."""
         scratch = self.matcher.deep_copy()
         masked = torch.tensor(MASKED, dtype=logits.dtype)
-        chosen = []
+        pins = self.canvas_pins(logits.shape[0]) if self.pins else {}
+        chosen, counts = [], []
         ended = scratch.is_stopped()
         for i in range(logits.shape[0]):
             row = logits[i]
@@ -118,20 +146,33 @@ class Constraint:
                 row.fill_(masked)
                 row[self.eos_id] = 0.0
                 chosen.append(self.eos_id)
+                counts.append(1)
                 continue
             allowed = self._allowed(scratch)
-            if not bool(allowed.any()):
-                raise ConstraintError(f"the constraint allows no token: {scratch.get_error() or 'dead end'}")
-            row.masked_fill_(~allowed, masked)
-            tok = int(row.argmax())
+            if i in pins:
+                tok = pins[i]
+                if not bool(allowed[tok]):
+                    raise ConstraintError(f"pinned token {tok} at canvas position {i} breaks the constraint")
+                row.fill_(masked)
+                row[tok] = 0.0
+                counts.append(1)
+            else:
+                n = int(allowed.sum())
+                if n == 0:
+                    raise ConstraintError(f"the constraint allows no token: {scratch.get_error() or 'dead end'}")
+                row.masked_fill_(~allowed, masked)
+                tok = int(row.argmax())
+                counts.append(n)
             chosen.append(tok)
             if not scratch.consume_token(tok):
                 raise ConstraintError(f"matcher rejected an allowed token {tok}: {scratch.get_error()}")
             ended = tok == self.eos_id or scratch.is_stopped()
+        self.allowed_counts = counts
         return chosen
 
     def commit(self, tokens: list[int]) -> None:
         """Advances the real matcher over a committed canvas (tokens after a consumed EOS are ignored)."""
+        self.offset += len(tokens)
         for t in tokens:
             if self.matcher.is_stopped():
                 break

@@ -44,7 +44,7 @@ from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
-from .constraint import Constraint, ll_tokenizer  # [constrained]
+from .constraint import Constraint, ll_tokenizer, template_pins  # [constrained]
 
 log = logging.getLogger("dgemma")
 
@@ -167,19 +167,22 @@ class Engine:
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
         if params.constraint_grammar is not None:  # [constrained]
-            seq.constraint = self._constraint(params.constraint_grammar)
+            seq.constraint = self._constraint(params.constraint_grammar, params.template)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
             seq.decoder = IncrementalDecoder(self.tokenizer)
         self.waiting.append(seq)
         return rid
 
-    def _constraint(self, grammar: str) -> Constraint:
-        """[constrained] A matcher for one request: needs the tokenizer and an EOS id to end on."""
+    def _constraint(self, grammar: str, template: str | None = None) -> Constraint:
+        """[constrained] A matcher for one request: needs the tokenizer and an EOS id to end on. A template also
+        pins the tokens of its fixed spans at known positions (dgemma/template.py)."""
         if self.tokenizer is None or not self.eos_ids:
             raise ValueError("constrained decoding needs an engine with a tokenizer and an EOS token id")
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in self.eos_ids else min(self.eos_ids)
-        return Constraint(grammar, ll_tokenizer(self.tokenizer, self.V, eos), self.V, eos)
+        lt = ll_tokenizer(self.tokenizer, self.V, eos)
+        pins = template_pins(template, lt) if template is not None else None
+        return Constraint(grammar, lt, self.V, eos, pins)
 
     def abort(self, request_id: str) -> bool:
         for seq in list(self.waiting):
@@ -284,6 +287,9 @@ class Engine:
             self.canvas[slot] = to_tokens(keyed_bits(key, self.C), self.V)[0]
             s.draws_made += 1
             self.denoising[slot] = s.constraint is None  # [constrained] rows are not the fast step's
+        if s.constraint is not None and s.constraint.pins:  # [constrained] a template's pinned tokens, from step one
+            for j, t in s.constraint.canvas_pins(self.C).items():
+                self.canvas[slot, j] = t
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
         self.steps_left[slot] = s.settings.max_denoising_steps
@@ -309,6 +315,8 @@ class Engine:
             del logits
             for i, chosen in swept.items():  # [constrained] the sweep's argmax is the canvas (a near-tie after the
                 res.argmax[i] = torch.tensor(chosen, device=res.argmax.device)  # temperature may differ)
+                for j, t in rows[i].constraint.canvas_pins(self.C).items():  # pinned: never renoised
+                    res.canvas[i, j] = t
             self.canvas[slots] = res.canvas
             self.prev_argmax[slots] = res.argmax
             self.stable_run[slots] = res.stable_run
@@ -323,6 +331,10 @@ class Engine:
                 if s.params.trace:
                     t = StepTrace(len(s.out.canvases), s.canvas_steps, res.argmax[i].tolist(),
                                   res.accepted[i].tolist(), float(res.mean_entropy[i]))
+                    if s.constraint is not None:  # [constrained] which positions are pinned / masked
+                        pins = s.constraint.canvas_pins(self.C)
+                        t.pinned = [j in pins for j in range(self.C)]
+                        t.allowed = list(s.constraint.allowed_counts)
                     if self.cfg.keep_traces:
                         s.out.trace.append(t)
                     events.append(StreamEvent(s.id, "draft", draft=t))

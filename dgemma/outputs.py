@@ -20,6 +20,10 @@ class StepTrace:
     argmax: list[int]
     accepted: list[bool]
     mean_entropy: float
+    # [constrained] requests only: positions pinned by a template, and how many tokens the constraint allowed at each
+    # position on this step (1: forced; the vocabulary size: unconstrained)
+    pinned: list[bool] | None = None
+    allowed: list[int] | None = None
 
 
 @dataclass

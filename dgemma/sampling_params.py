@@ -124,12 +124,14 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off; applied after top_k, on the untempered distribution
     trace: bool = False  # record the argmax canvas and accepted mask of every denoising step
     # Constrained decoding (at most one; docs/constrained.md): a JSON schema (dict or JSON text), a regex, a
-    # choice among strings, or a context-free grammar (Lark, as llguidance reads it). The output then always
-    # satisfies it, or ends with finish_reason "length".
+    # choice among strings, a context-free grammar (Lark, as llguidance reads it), or an infilling template (fixed
+    # text and holes, dgemma/template.py; its fixed spans at known positions are pinned on the canvas). The output
+    # then always satisfies it, or ends with finish_reason "length".
     json_schema: Any = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    template: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples so the frozen object is really immutable and hashable.
@@ -157,20 +159,21 @@ class SamplingParams:
             if not choice or not all(isinstance(c, str) and c for c in choice):
                 raise ValueError(f"choice must be a non-empty list of non-empty strings (got {self.choice!r})")
             object.__setattr__(self, "choice", choice)
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "template"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string (got {value!r})")
-        given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        given = [n for n in ("json_schema", "regex", "choice", "grammar", "template") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"give at most one of json_schema, regex, choice, grammar (got {', '.join(given)})")
+            raise ValueError(f"give at most one of json_schema, regex, choice, grammar, template "
+                             f"(got {', '.join(given)})")
         if given:
             if self.stop or self.stop_token_ids or self.ignore_eos:
                 raise ValueError(f"{given[0]} cannot be combined with stop, stop_token_ids or ignore_eos: a "
                                  "constrained request ends where its constraint is complete")
             from .constraint import compile_grammar  # validates now, with llguidance's message
             object.__setattr__(self, "_grammar", compile_grammar(self.json_schema, self.regex, self.choice,
-                                                                  self.grammar))
+                                                                  self.grammar, self.template))
 
     @property
     def constraint_grammar(self) -> str | None:

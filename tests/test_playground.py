@@ -94,3 +94,35 @@ def test_playground_page_and_assets_are_served(server):
     assert r.status_code == 200 and "dgemma playground" in r.text
     for asset in ("playground.js", "playground.css"):
         assert httpx.get(f"{server.url}/static/{asset}").status_code == 200
+
+
+def test_playground_marks_pinned_and_constrained_positions(server, browser, tmp_path):
+    """A template request: the canvas shows the template's pinned tokens and the positions the constraint forces."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+    page.fill("#prompt", "To be, or not to be")
+    page.select_option("#mode", "completion")
+    for knob, value in {"max_tokens": "32", "seed": "3", "max_denoising_steps": "4", "delay": "30"}.items():
+        page.fill(f"#{knob}", value)
+    page.select_option("#constraint_kind", "template")
+    page.fill("#constraint", 'Q: {{len=3}} or {{regex="[0-9]{1,2}"}}!\n')
+    page.click("#run")
+    page.wait_for_function("window.dgemmaPlayground.done && !window.dgemmaPlayground.running")
+    state = page.evaluate("window.dgemmaPlayground")
+    assert state["error"] is None and state["finishReason"] == "stop", state
+    first = state["marks"][0]
+    # "Q: " and " or " are pinned (the len=3 hole fixes where the second starts); "!\n" after the regex is forced
+    assert first["pinned"] >= 4 and first["forced"] >= 1, state["marks"]
+    page.wait_for_timeout(50)
+    assert page.locator("#canvas .cell.pinned").count() == first["pinned"] or state["canvases"] > 1
+    shot = tmp_path / "playground-template.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    try:
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, SCRATCH / "playground-template.png")
+    except OSError:
+        pass
+    page.close()

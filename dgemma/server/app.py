@@ -18,7 +18,9 @@ ones watch `http.disconnect` themselves.
 
 Opt-in draft streaming: with `"dgemma": {"drafts": true}` and `stream: true`, every denoising step also sends a
 chunk with `"object": "dgemma.draft"`, `"choices": []` (so OpenAI clients, which must already skip the empty-choices
-usage chunk, ignore it) and `"dgemma": {canvas, step, token_ids, tokens, accepted, mean_entropy}`.
+usage chunk, ignore it) and `"dgemma": {canvas, step, token_ids, tokens, accepted, mean_entropy}`; a constrained
+request's drafts add `pinned` (positions a template pins) and `allowed` (tokens the constraint allowed per position;
+1 = forced) and `vocab_size`.
 """
 
 from __future__ import annotations
@@ -298,9 +300,12 @@ async def sse(st: ServerState, req, rid: str, q: asyncio.Queue, n_prompt: int, t
             ev = await q.get()
             if ev.kind == "draft" and req.drafts:
                 d = ev.draft
-                yield w.draft({"canvas": d.canvas_index, "step": d.step, "token_ids": d.argmax,
-                               "tokens": [st.piece(t) for t in d.argmax], "accepted": d.accepted,
-                               "mean_entropy": round(d.mean_entropy, 5)})
+                info = {"canvas": d.canvas_index, "step": d.step, "token_ids": d.argmax,
+                        "tokens": [st.piece(t) for t in d.argmax], "accepted": d.accepted,
+                        "mean_entropy": round(d.mean_entropy, 5)}
+                if d.allowed is not None:  # [constrained] pinned and masked positions
+                    info.update(pinned=d.pinned, allowed=d.allowed, vocab_size=st.vocab)
+                yield w.draft(info)
             elif ev.kind == "commit":
                 if first and ev.token_ids_delta:
                     first = False

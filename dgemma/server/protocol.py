@@ -15,7 +15,8 @@ of each canvas, so set `t_min`/`t_max` instead.
 Structured output (docs/constrained.md): OpenAI's `response_format` (`text`, `json_object`, or `json_schema` with
 `{"name", "schema", "strict"}`; the schema is always enforced, strict or not), vLLM's `structured_outputs`
 (`{"json", "regex", "choice", "grammar"}`, the grammar in Lark) and its older `guided_json` / `guided_regex` /
-`guided_choice` / `guided_grammar`.
+`guided_choice` / `guided_grammar`; and dgemma's infilling template (dgemma/template.py) as
+`structured_outputs.template` or `guided_template`.
 At most one constraint per request; an invalid one is a 400 that names the field and says why.
 """
 
@@ -79,12 +80,14 @@ class StreamOptions(_Strict):
 
 
 class StructuredOutputs(_Strict):
-    """vLLM's `structured_outputs` extra field (the kinds dgemma implements; `grammar` is Lark text)."""
+    """vLLM's `structured_outputs` extra field (the kinds dgemma implements; `grammar` is Lark text), plus dgemma's
+    `template` (fixed text and holes, dgemma/template.py)."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    template: str | None = None
 
 
 class DgemmaOptions(_Strict):
@@ -123,6 +126,7 @@ class _Common(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_template: str | None = None  # dgemma's template, in the guided_* style
     best_of: Annotated[AnyInt | None, _only({"const": 1})] = None
 
     @property
@@ -267,6 +271,8 @@ def constraint_fields(req: _Common) -> tuple[str | None, dict[str, Any]]:
                                ("structured_outputs.regex", so and so.regex, "regex"),
                                ("structured_outputs.choice", so and so.choice, "choice"),
                                ("structured_outputs.grammar", so and so.grammar, "grammar"),
+                               ("structured_outputs.template", so and so.template, "template"),
+                               ("guided_template", req.guided_template, "template"),
                                ("guided_grammar", req.guided_grammar, "grammar"),
                                ("guided_json", req.guided_json, "json_schema"),
                                ("guided_regex", req.guided_regex, "regex"),

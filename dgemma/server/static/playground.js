@@ -1,7 +1,8 @@
 // dgemma playground logic: send one streaming request with draft events on, parse the SSE stream by hand (fetch +
 // ReadableStream: EventSource cannot POST), and render every "dgemma.draft" event as a grid of the canvas's argmax
-// tokens with the sampler's accepted positions highlighted. `window.dgemmaPlayground` exposes the progress so the
-// headless-browser test can check that the canvas fills in.
+// tokens with the sampler's accepted positions highlighted (and, under a constraint, the positions a template pins
+// and those the constraint forces or narrows). `window.dgemmaPlayground` exposes the progress so the headless-browser
+// test can check that the canvas fills in.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -12,7 +13,7 @@ const state = window.dgemmaPlayground = {};
 let controller = null;
 
 function reset() {
-  Object.assign(state, { running: true, done: false, error: null, drafts: 0, trace: [], text: "",
+  Object.assign(state, { running: true, done: false, error: null, drafts: 0, trace: [], marks: [], text: "",
     tokens: 0, steps: 0, canvases: 0, finishReason: null, started: performance.now() });
   $("canvas").replaceChildren();
   $("bars").replaceChildren();
@@ -40,6 +41,20 @@ function knobValues() {
   return out;
 }
 
+// The constraint as vLLM's structured_outputs field (plus dgemma's template), or {} for none.
+function constraintField() {
+  const kind = $("constraint_kind").value;
+  const text = $("constraint").value;
+  if (!kind) return {};
+  let value = text;
+  if (kind === "json") {
+    try { value = JSON.parse(text); } catch (e) { throw new Error("the JSON schema is not valid JSON: " + e.message); }
+  } else if (kind === "choice") {
+    value = text.split("\n").filter((line) => line !== "");
+  }
+  return { structured_outputs: { [kind]: value } };
+}
+
 // Make whitespace and control characters visible in a cell (Unicode control pictures); the text is set with textContent, never as HTML.
 function visible(piece) {
   if (piece === "") return "\u2205";
@@ -54,13 +69,21 @@ function renderDraft(d) {
     grid.style.gridTemplateColumns = `repeat(${Math.min(16, d.tokens.length)}, minmax(0, 1fr))`;
   }
   let accepted = 0;
+  const marks = { pinned: 0, forced: 0, constrained: 0 };
   d.tokens.forEach((piece, i) => {
     const cell = grid.children[i];
     cell.textContent = visible(piece);
     cell.title = `position ${i}: token ${d.token_ids[i]} ${JSON.stringify(piece)}`;
     cell.className = d.accepted[i] ? "cell accepted" : "cell";
     if (d.accepted[i]) accepted++;
+    if (!d.allowed) return;  // unconstrained request
+    const mark = d.pinned[i] ? "pinned" : d.allowed[i] === 1 ? "forced"
+      : d.allowed[i] < d.vocab_size / 2 ? "constrained" : null;
+    if (mark) { cell.classList.add(mark); marks[mark]++; }
+    cell.title += d.pinned[i] ? " \u2013 pinned by the template"
+      : ` \u2013 ${d.allowed[i]} of ${d.vocab_size} tokens allowed`;
   });
+  state.marks.push(marks);
   const bars = $("bars");  // accepted positions per step of this canvas: rising bars = the canvas filling in
   if (d.step === 1) bars.replaceChildren();
   const bar = Object.assign(document.createElement("div"), { className: "bar", title: `step ${d.step}: ${accepted}` });
@@ -136,6 +159,7 @@ async function run() {
     const image = chat ? await imageDataUrl() : null;
     const content = image ? [{ type: "image_url", image_url: { url: image } }, { type: "text", text: prompt }] : prompt;
     const body = Object.assign(chat ? { messages: [{ role: "user", content }] } : { prompt }, knobValues(),
+      constraintField(),
       { stream: true, stream_options: { include_usage: true }, dgemma: { drafts: true } });
     const res = await fetch(chat ? "/v1/chat/completions" : "/v1/completions",
       { method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: controller.signal });
