@@ -3,14 +3,18 @@
     python benchmarks/gpu_generate.py                          # batches 1 and 8, fast mode, bf16 (fits an 80 GB card)
     python benchmarks/gpu_generate.py --compile                # with EngineConfig.compile, where the engine has it
     python benchmarks/gpu_generate.py --batch-invariant        # exact mode instead of the server's fast mode
-    python benchmarks/gpu_generate.py --quantization fp8       # FP8 weights (dgemma/fp8.py), quantised on the device
+    python benchmarks/gpu_generate.py --quantization fp8       # FP8 weights (dgemma/fp8.py): batch 1 plans into 32 GB
     python benchmarks/gpu_generate.py --device cpu --tiny --layers 6 --experts 8 --prompt 32 --new-tokens 32 \
         --steps 2 --batches 1 2 --peak-tbps 0.05               # a dry run of the same code on the CPU (tests/)
 
 The weights are built on the meta device and materialised once, directly in bf16 on the GPU (50.5 GB; in fp32 they
-would be 101 GB), then filled with random values; the RoPE inverse frequencies stay fp32 on the device. The
-engine's memory plan (`dgemma.server.memory.plan`) is checked first, so a configuration that cannot fit is refused
-before anything is allocated. Nothing is downloaded.
+would be 101 GB), then filled with random values; the RoPE inverse frequencies stay fp32 on the device. With
+`--quantization fp8` the model is built in the FP8 layout on the meta device and materialised in it (26 GB): each
+quantised weight is drawn in bf16 on the device and quantised there as it materialises, so the device holds the FP8
+model plus one bf16 tensor (at most 1.0 GB: a layer's expert gate/up stack), never the bf16 model. The draws are
+those of the bf16 run, so its FP8 weights are exactly `fp8.quantize_model` of the bf16 ones. The engine's memory
+plan (`dgemma.server.memory.plan`, with FP8 weights under `--quantization fp8`) is checked first, so a configuration
+that cannot fit is refused before anything is allocated. Nothing is downloaded.
 
 Each batch size gets its own engine in fast mode (`batch_invariant=False`, what the server runs on a GPU) unless
 `--batch-invariant`; it is warmed up with one canvas, then one generation of `--new-tokens` per request with
@@ -29,11 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
+from dgemma import fp8
+from dgemma.checkpoint import to_checkpoint_name
 from dgemma.config import FULL, SLIDING, ModelConfig, release_26b_a4b_text
 from dgemma.engine import Engine, EngineConfig
 from dgemma.model import DiffusionGemma
@@ -58,18 +64,53 @@ def model_config(layers: int = 30, experts: int = 128, tiny: bool = False, canva
 
 
 def materialise(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-                seed: int = 0) -> DiffusionGemma:
-    """Random weights built on `meta` and allocated once, in `dtype`, on `device` (never a full fp32 copy)."""
+                seed: int = 0, quantization: str | None = None) -> DiffusionGemma:
+    """Random weights built on `meta` and allocated once, in `dtype`, on `device` (never a full fp32 copy); with
+    quantization "fp8", in the FP8 layout, each quantised weight drawn in `dtype` and quantised as it materialises
+    (module doc)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = DiffusionGemma(cfg).to(dtype)
+        if quantization == "fp8":
+            fp8.prepare(model, fp8.Fp8Scheme(), to_checkpoint_name)
     model.to_empty(device=device)
-    model.init_weights(generator=torch.Generator(device).manual_seed(seed))
+    generator = torch.Generator(device).manual_seed(seed)
+    if quantization == "fp8":
+        fill_quantized(model, dtype, generator)
+    else:
+        model.init_weights(generator=generator)
     t = cfg.text
     for lt, dim in ((SLIDING, t.head_dim), (FULL, t.global_head_dim)):  # fp32, on the device: not rounded to bf16
         if hasattr(model, f"inv_freq_{lt}"):
             setattr(model, f"inv_freq_{lt}", inv_frequencies(t.rope[lt], dim).to(device))
     return model.eval()
+
+
+@torch.no_grad()
+def fill_quantized(model: DiffusionGemma, dtype: torch.dtype, generator: torch.Generator,
+                   slab_bytes: int = 1 << 22) -> None:
+    """`DiffusionGemma.init_weights`' draws (normal(0, 0.02) matrices, norms and scalars at one) into a model whose
+    quantised weights are FP8: each of those is drawn whole in `dtype`, quantised into its FP8 parameter and scale a
+    slab of rows at a time (`fp8.quantize` is per row), then the float draw is freed."""
+    for name, p in model.named_parameters():
+        if fp8.is_quantized(p):
+            owner, _, attr = name.rpartition(".")
+            w = torch.empty(p.shape, dtype=dtype, device=p.device).normal_(0.0, 0.02, generator=generator)
+            rows, q = w.view(-1, w.shape[-1]), p.view(-1, p.shape[-1])
+            scale = getattr(model.get_submodule(owner), attr + fp8.SCALE_SUFFIX).view(-1, 1)
+            step = max(1, slab_bytes // (rows.shape[1] * rows.element_size()))
+            for i in range(0, rows.shape[0], step):
+                q[i:i + step], scale[i:i + step] = fp8.quantize(rows[i:i + step])
+            del w, rows
+        elif p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=generator)
+        else:
+            p.fill_(1.0)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.fill_(1.0)
+    fp8.prime(next(model.parameters()).device)
+    model.config = replace(model.config, raw={**model.config.raw, "quantization_config": fp8.Fp8Scheme().to_config()})
 
 
 def step_bytes(model: DiffusionGemma, experts_hit_per_layer: float | None = None) -> int:
@@ -128,12 +169,14 @@ def experts_hit(engine: Engine, requests) -> float | None:
 
 
 def memory_plans(cfg: ModelConfig, batches, max_model_len: int, batch_invariant: bool, device: str,
-                 available: int = -1) -> dict:
-    """The engine's memory plan in bf16 per batch size (`available=-1`: what the device has free now)."""
+                 available: int = -1, quantization: str | None = None) -> dict:
+    """The engine's memory plan in bf16 per batch size (`available=-1`: what the device has free now), with FP8
+    weights under quantization "fp8"."""
     from dgemma.server.memory import plan
 
+    weights = fp8.weight_bytes(cfg, torch.bfloat16) if quantization == "fp8" else None
     return {b: plan(cfg, torch.bfloat16, device=device, max_num_seqs=b, max_model_len=max_model_len,
-                    batch_invariant=batch_invariant, available=available) for b in batches}
+                    batch_invariant=batch_invariant, available=available, weight_bytes=weights) for b in batches}
 
 
 def engine_options(compile: bool) -> dict:
@@ -167,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a dry run of the script)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (hidden 64, vocab 4096): for dry runs")
     ap.add_argument("--peak-tbps", type=float, help="peak memory bandwidth in TB/s (default: from the GPU's name)")
-    ap.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantised after materialising")
+    ap.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantised tensor by tensor as they "
+                    "materialise")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/gpu_generate[_fp8].json")
     args = ap.parse_args(argv)
     args.out = args.out or str(Path(__file__).parent / "results" /
@@ -181,18 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
     C, V = cfg.canvas_length, cfg.text.vocab_size
     max_len = args.prompt + args.new_tokens + C
 
-    for b, p in memory_plans(cfg, args.batches, max_len, args.batch_invariant, str(device)).items():
+    for b, p in memory_plans(cfg, args.batches, max_len, args.batch_invariant, str(device),
+                             quantization=args.quantization).items():
         if not p.fits:
             raise SystemExit(f"batch {b} does not fit on {name}:\n{p.describe()}")
-    model = materialise(cfg, device)
-    if args.quantization == "fp8":  # tensor by tensor, on the device; the floor then counts FP8 bytes
-        from dgemma import fp8
-        fp8.quantize_model(model)
+    model = materialise(cfg, device, quantization=args.quantization)  # FP8: the floor then counts FP8 bytes
+    load_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     results = {"device": name, "peak_bandwidth_bytes_s": peak, "layers": args.layers, "experts": args.experts,
                "vocab": V, "prompt": args.prompt, "new_tokens_per_request": args.new_tokens,
                "steps_per_canvas": args.steps, "batch_invariant": args.batch_invariant, "compile": args.compile,
                "quantization": args.quantization,
                "weight_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+               "materialise_peak_allocated_gb": load_peak,
                "bytes_per_step_all_experts_gb": step_bytes(model) / 1e9, "batches": {}}
     g = torch.Generator().manual_seed(0)
     for b in args.batches:

@@ -11,7 +11,8 @@ memory-mapped view; anything else is read a few MB at a time, so no host copy of
 expected tensor must be present and no unexpected one left; errors list the offending names. When the checkpoint
 holds a vision tower, it loads into `model.vision` (vision.py) under the same rule; vision tensors dgemma does not
 model (a vestigial `embed_vision.embedding.*`) are carried over on save, so a load/save round trip keeps the
-checkpoint whole.
+checkpoint whole. `language_model_only=True` (vLLM's `--language-model-only`) loads the text model alone: the
+tower's tensors are never read (only their names are noted, so a save still writes them) and `model.vision` is None.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Checkpoint:
     generation: GenerationConfig
     path: Path
     passthrough: dict[str, Path] = field(default_factory=dict)  # tensor name -> file (unmodelled, kept on save)
+    language_model_only: bool = False  # the vision tower was skipped on load (its tensors are in passthrough)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -117,10 +119,11 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantization: str | None = None) -> Checkpoint:
+         quantization: str | None = None, language_model_only: bool = False) -> Checkpoint:
     """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype (of the tensors that
     are not FP8). A compressed-tensors FP8 checkpoint loads in FP8; `quantization="fp8"` quantises a float one
-    tensor by tensor as it loads (fp8.py)."""
+    tensor by tensor as it loads (fp8.py). `language_model_only`: skip the vision tower (none of its tensors is
+    read; `model.vision` stays None)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -142,7 +145,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
     with torch.device("meta"):
         model = DiffusionGemma(config)
-        vision = _vision_for(config, files)
+        vision = None if language_model_only else _vision_for(config, files)
         if vision is not None:
             model.vision = vision
         scales = fp8.prepare(model, scheme, to_checkpoint_name) if scheme is not None else []
@@ -173,7 +176,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {_names(sorted(unexpected))}")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json - " + "; ".join(parts))
-    if vision is None and any(n.startswith(_VISION[0]) for n in passthrough) and str(path) not in _vision_warned:
+    if (not language_model_only and vision is None and any(n.startswith(_VISION[0]) for n in passthrough)
+            and str(path) not in _vision_warned):
         _vision_warned.add(str(path))
         log.warning("%s has vision tensors but no vision_config: loading the text model only", path)
     model.reset_rope()  # non-persistent buffers are still on the meta device
@@ -181,7 +185,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model.eval()
     if scheme is not None:
         fp8.prime(target)
-    return Checkpoint(model, config, generation, path, passthrough)
+    return Checkpoint(model, config, generation, path, passthrough, language_model_only)
 
 
 def _load_file(model, file: Path, expected: dict, want, device: torch.device, found: set, unexpected: list,

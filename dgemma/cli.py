@@ -114,6 +114,8 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="fp8: hold the weights in FP8, quantised as they load (FP8 checkpoints need no flag)")
+    p.add_argument("--language-model-only", action="store_true",
+                   help="load the text model alone: the vision tower is not loaded, images are refused")
     add_mode_flags(p)
 
 
@@ -181,13 +183,15 @@ def generate_main(argv: list[str]) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.image and not args.chat:
         fail("--image needs --chat (the chat template places the image)")
+    if args.image and args.language_model_only:
+        fail("--image cannot be used with --language-model-only (the vision tower is not loaded)")
 
     from .llm import LLM
 
     check_device(args.device)
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_invariant=args.batch_invariant,
-              compile=args.compile, quantization=args.quantization)
+              compile=args.compile, quantization=args.quantization, language_model_only=args.language_model_only)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))

@@ -7,8 +7,10 @@
 
 `LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
 `LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
-FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
-(`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a vision tower.
+FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first;
+its messages may hold images (`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a
+vision tower. `LLM(model, language_model_only=True)` (vLLM's name) loads the text model alone: the vision tower is
+not read, and image inputs are refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .outputs import RequestOutput, StreamEvent
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
+TEXT_ONLY_REFUSAL = ("image inputs are disabled: the model was loaded with language_model_only "
+                     "(--language-model-only), so its vision tower is not loaded")
 
 
 def default_model_path() -> Path:
@@ -36,9 +40,11 @@ class LLM:
                  device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  canvas_length: int | None = None, max_denoising_steps: int | None = None,
                  logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
-                 compile: bool | None = None, quantization: str | None = None):
+                 compile: bool | None = None, quantization: str | None = None, language_model_only: bool = False):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
-        ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization)
+        ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization,
+                             language_model_only=language_model_only)
+        self.language_model_only = bool(language_model_only)
         if canvas_length is not None and canvas_length != ck.config.canvas_length:
             ck.model.config = ck.config = ck.config.with_canvas_length(canvas_length)
         self.checkpoint, self.model, self.config = ck, ck.model, ck.config
@@ -77,7 +83,11 @@ class LLM:
         PIL image | bytes | path} or {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: chat needs tokenizer.json and a chat template")
+        from .image_processing import split_chat_images
         from .vision_prompt import chat_inputs
+
+        if self.language_model_only and split_chat_images(messages)[1]:
+            raise ValueError(TEXT_ONLY_REFUSAL)
         return chat_inputs(self.tokenizer, self.model.vision, messages, resolve=resolve, **template_kwargs)
 
     # -- generation ----------------------------------------------------------------------------------------------

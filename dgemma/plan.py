@@ -2,12 +2,15 @@
 
     dgemma plan google/diffusiongemma-26B-A4B-it --max-model-len 262144 --gpu-memory-gib 80 --json
     dgemma plan ./my-checkpoint --max-num-seqs 16 --max-model-len 8192 --gpu-memory-gib 24 --batch-invariant
+    dgemma plan google/diffusiongemma-26B-A4B-it --quantization fp8 --language-model-only --max-model-len 12288 \
+        --max-num-seqs 1 --gpu-memory-gib 32
 
 MODEL_OR_CONFIG is a config.json, a checkpoint folder, a Hub id whose config.json is in the local Hugging Face
 cache (never downloaded), or the name of a config shipped in `dgemma/assets/configs/` (the released
 `google/diffusiongemma-26B-A4B-it`). The plan is `dgemma.server.memory.plan`, the one `dgemma serve` checks at
 start-up: the component table, whether `--max-num-seqs` slots fit, how many full-length requests fit, and how many
-8k-token requests fit. Exit status: 0 if the configuration fits, 1 if not, 2 for bad input.
+8k-token requests fit. `--language-model-only` plans the text model alone (as `serve --language-model-only` loads
+it: no vision tower). Exit status: 0 if the configuration fits, 1 if not, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class PlanRequest:
     prefill_chunk: int = 2048
     max_waiting: int = 64
     quantization: str | None = None  # "fp8": FP8 weights (docs/fp8.md); an FP8 config is planned as FP8 anyway
+    language_model_only: bool = False  # the text model alone: the vision tower is neither loaded nor planned
 
 
 def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
@@ -94,8 +98,8 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         raise ConfigError(f"--max-model-len {req.max_model_len} exceeds the model's max_position_embeddings "
                           f"{cfg.text.max_position_embeddings}")
     params = memory.count_parameters(cfg)
-    extra = (memory.vision_parts(target.checkpoint, cfg, req.dtype) if target.checkpoint is not None
-             else memory.vision_parts_from_config(cfg, req.dtype))
+    extra = (() if req.language_model_only else memory.vision_parts(target.checkpoint, cfg, req.dtype)
+             if target.checkpoint is not None else memory.vision_parts_from_config(cfg, req.dtype))
     available = int(req.gpu_memory_gib * GiB)
     graphs = req.cuda_graphs and not req.batch_invariant
     from . import fp8
@@ -119,6 +123,7 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         "dtype": str(req.dtype).removeprefix("torch."),
         "mode": p.mode,
         "cuda_graphs": graphs,
+        "language_model_only": req.language_model_only,
         "canvas_length": cfg.canvas_length,
         "max_model_len": req.max_model_len,
         "max_num_seqs": req.max_num_seqs,
@@ -167,7 +172,8 @@ def paged_estimate(cfg: ModelConfig, req: PlanRequest, make, short_len: int) -> 
 
 def render(plan: dict) -> str:
     lines = [f"memory plan for {plan['model']} ({plan['dtype']}, {plan['mode']} mode"
-             f"{', CUDA graphs' if plan['cuda_graphs'] else ''}, canvas {plan['canvas_length']}, "
+             f"{', CUDA graphs' if plan['cuda_graphs'] else ''}"
+             f"{', text model only' if plan['language_model_only'] else ''}, canvas {plan['canvas_length']}, "
              f"--max-model-len {plan['max_model_len']}, --max-num-seqs {plan['max_num_seqs']})"]
     lines += [f"  {c['name']:<40} {c['gib']:10.3f} GiB" for c in plan["components"]]
     lines.append(f"  {'total':<40} {plan['total_gib']:10.3f} GiB")
@@ -201,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=64)
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="plan FP8 weights (as `serve --quantization fp8` loads them)")
+    p.add_argument("--language-model-only", action="store_true",
+                   help="plan the text model alone: no vision tower (as `serve --language-model-only` loads it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--dtype auto needs weights: pass bfloat16, float16 or float32")
         req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
                           args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting,
-                          args.quantization)
+                          args.quantization, args.language_model_only)
         plan = make_plan(find_config(args.model), req)
     except (ConfigError, ValueError) as e:
         print(f"dgemma plan: error: {e}", file=sys.stderr)

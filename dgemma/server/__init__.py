@@ -36,6 +36,7 @@ class ServerConfig:
     dtype: str | None = None
     device: str = "cpu"
     quantization: str | None = None  # "fp8": weights quantised as they load (fp8.py)
+    language_model_only: bool = False  # vLLM's --language-model-only: no vision tower loaded, images refused (400)
     max_model_len: int | None = None
     canvas_length: int | None = None
     max_denoising_steps: int | None = None

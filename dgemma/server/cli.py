@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantization", choices=["fp8"], default=None, help="fp8: FP8 weights, quantised as they load")
+    p.add_argument("--language-model-only", action="store_true",
+                   help="load the text model alone: the vision tower is not loaded or planned, image inputs get 400")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -105,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, host=args.host, port=args.port, allowed_hosts=tuple(args.allowed_hosts or ()),
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-        quantization=args.quantization, max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
+        quantization=args.quantization, language_model_only=args.language_model_only,
+        max_model_len=args.max_model_len, canvas_length=shape["canvas_length"],
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args),
@@ -133,6 +136,7 @@ def build(config: ServerConfig):
     if config.check_memory:
         plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
                                        quantization=config.quantization, max_num_seqs=config.max_num_seqs,
+                                       language_model_only=config.language_model_only,
                                        max_model_len=config.max_model_len,
                                        canvas_length=config.canvas_length, max_waiting=config.max_waiting,
                                        batch_invariant=config.batch_invariant)
@@ -140,7 +144,8 @@ def build(config: ServerConfig):
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
               max_denoising_steps=config.max_denoising_steps, batch_invariant=config.batch_invariant,
-              compile=config.compile, quantization=config.quantization)
+              compile=config.compile, quantization=config.quantization,
+              language_model_only=config.language_model_only)
     # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
     llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)
     if config.diffusion_defaults:

@@ -8,7 +8,7 @@ An OpenAI content part `{"type": "image_url", "image_url": {"url": ...}}` may po
 
 Every failure becomes a `RequestError` (400) with a code: `invalid_image` (corrupt or not an image),
 `unsupported_image_format`, `too_many_images`, `image_too_large`, `image_url_not_allowed`, `images_not_supported`
-(the model is text-only). The checks run before anything reaches the engine.
+(the model is text-only, or served with `--language-model-only`). The checks run before anything reaches the engine.
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ def chat_inputs(llm, messages: list[dict], policy: MediaPolicy, **template_kwarg
 
     where = image_parts(messages)
     if where and llm.model.vision is None:
-        raise _error("this model is text-only (its checkpoint has no vision tower): image parts are not supported",
-                     "images_not_supported", f"messages.{where[0][0]}.content")
+        why = ("this server was started with --language-model-only (the vision tower is not loaded)"
+               if getattr(llm, "language_model_only", False) else
+               "this model is text-only (its checkpoint has no vision tower)")
+        raise _error(f"{why}: image parts are not supported", "images_not_supported",
+                     f"messages.{where[0][0]}.content")
     if len(where) > policy.max_images_per_request:
         raise _error(f"{len(where)} images in one request; this server accepts at most "
                      f"{policy.max_images_per_request}", "too_many_images", "messages")

@@ -283,8 +283,10 @@ def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
 
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
                      canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
-                     available: int | None = -1, quantization: str | None = None) -> MemoryPlan:
-    """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit."""
+                     available: int | None = -1, quantization: str | None = None,
+                     language_model_only: bool = False) -> MemoryPlan:
+    """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit.
+    `language_model_only`: the vision tower is not loaded, so not planned."""
     from ..checkpoint import parse_dtype
 
     cfg = ModelConfig.from_file(Path(path) / "config.json")
@@ -295,7 +297,7 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     params = count_parameters(cfg)
     if available == -1:
         available = available_bytes(device)
-    extra = vision_parts(Path(path), cfg, want)  # [vision]
+    extra = () if language_model_only else vision_parts(Path(path), cfg, want)  # [vision]
     bi, graphs = engine_mode(device, batch_invariant)
     from .. import fp8
 
