@@ -30,21 +30,38 @@ from .model import attention
 
 
 class KVCache:
+    """Sliding layers: a per-slot ring [slots, window + scratch, Hkv, d]. Full layers: a block pool
+    [num_blocks + slots * scratch_blocks, block_size, Hkv, d] read through a per-slot block table (module doc).
+
+    Without `num_blocks` the table is static: slot s owns the blocks [s * M, (s + 1) * M), M = ceil(capacity /
+    block_size), as a preallocated per-slot cache would. With `num_blocks`, the engine hands blocks out
+    (`set_blocks`, from a `block_pool.BlockPool`) as each request grows."""
+
     def __init__(self, cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", scratch: int = 0):
-        if capacity <= 0 or num_slots <= 0 or scratch < 0:
-            raise ValueError(f"KVCache needs num_slots > 0, capacity > 0 and scratch >= 0, got {num_slots}, "
-                             f"{capacity} and {scratch}")
+                 device: torch.device | str = "cpu", scratch: int = 0, block_size: int = 64,
+                 num_blocks: int | None = None):
+        if capacity <= 0 or num_slots <= 0 or scratch < 0 or block_size <= 0:
+            raise ValueError(f"KVCache needs num_slots > 0, capacity > 0, scratch >= 0 and block_size > 0, got "
+                             f"{num_slots}, {capacity}, {scratch} and {block_size}")
         self.cfg, self.num_slots, self.capacity, self.scratch = cfg, num_slots, capacity, scratch
         self.window = cfg.sliding_window - 1  # tokens a sliding layer keeps
-        self.k: list[torch.Tensor] = []  # per layer: [slots, positions kept + scratch, kv_heads, head_dim]
+        self.block_size = bs = block_size
+        self.max_blocks = -(-capacity // bs)  # table entries per slot
+        self.scratch_blocks = -(-scratch // bs)  # per-slot blocks of the fast decode's canvas K/V (full layers)
+        self.static = num_blocks is None
+        self.num_blocks = num_slots * self.max_blocks if num_blocks is None else num_blocks
+        if self.num_blocks < 1:
+            raise ValueError(f"KVCache needs num_blocks >= 1, got {num_blocks}")
+        self.pool_blocks = self.num_blocks + num_slots * self.scratch_blocks  # physical blocks of a full layer
+        self.k: list[torch.Tensor] = []  # per layer: sliding [slots, kept + scratch, Hkv, d]; full [pool, bs, Hkv, d]
         self.v: list[torch.Tensor] = []
         self.sliding: list[bool] = []
-        self.kept_size: list[int] = []  # per layer: committed positions a slot keeps (the scratch tail follows)
+        self.kept_size: list[int] = []  # per layer: committed positions a slot keeps (full layers: capacity)
         for i in range(cfg.num_hidden_layers):
             sliding = cfg.is_sliding(i)
             size = min(capacity, self.window) if sliding else capacity
-            shape = (num_slots, size + scratch, cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
+            hd = (cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
+            shape = (num_slots, size + scratch, *hd) if sliding else (self.pool_blocks, bs, *hd)
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             self.sliding.append(sliding)
@@ -52,16 +69,39 @@ class KVCache:
         self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [slots] committed tokens (positions) per slot
         self.host_lengths = [0] * num_slots  # the same numbers as Python ints (read without a device sync)
         self.dev_lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # and on the cache's device
+        # Block table: per slot, its logical blocks (max_blocks entries; unused ones point at block 0 and are never
+        # read unmasked), then its scratch blocks. Host lists, a CPU tensor and the device copy, as the lengths.
+        width = self.max_blocks + self.scratch_blocks
+        self.tables: list[list[int]] = [[] for _ in range(num_slots)]
+        self._table_cpu = torch.zeros(num_slots, width, dtype=torch.long)
+        for s in range(num_slots):
+            self._table_cpu[s, self.max_blocks:] = self.num_blocks + s * self.scratch_blocks + torch.arange(
+                self.scratch_blocks)
+        self.block_table = torch.zeros(num_slots, width, dtype=torch.long, device=device)
+        self.protected = [0] * num_slots  # per slot: positions below this hold shared (prefix-cached) K/V
         self._constants: dict[tuple, torch.Tensor] = {}
+        if self.static:
+            for s in range(num_slots):
+                self.set_blocks(s, list(range(s * self.max_blocks, (s + 1) * self.max_blocks)))
+        else:
+            self.block_table.copy_(self._table_cpu)
 
     @staticmethod
-    def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype, scratch: int = 0) -> int:
+    def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype, scratch: int = 0,
+                     block_size: int = 64, num_blocks: int | None = None) -> int:
+        """Bytes the buffers take: the sliding rings and canvas scratch per slot, and the full layers' pool (by
+        default the static one, `num_slots` x the blocks of `capacity`)."""
         per = torch.empty((), dtype=dtype).element_size()
+        mb, sb = -(-capacity // block_size), -(-scratch // block_size)
+        blocks = num_slots * mb if num_blocks is None else num_blocks
         total = 0
         for i in range(cfg.num_hidden_layers):
-            size = min(capacity, cfg.sliding_window - 1) if cfg.is_sliding(i) else capacity
-            total += 2 * (size + scratch) * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i)
-        return total * per * num_slots
+            row = 2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * per
+            if cfg.is_sliding(i):
+                total += row * (min(capacity, cfg.sliding_window - 1) + scratch) * num_slots
+            else:
+                total += row * (blocks + num_slots * sb) * block_size
+        return total
 
     def constant(self, key: tuple, make) -> torch.Tensor:
         """A read-only index tensor of the fast decode, made once per shape (`make()`) and reused by every step."""
@@ -75,6 +115,19 @@ class KVCache:
 
     def reset(self, slot: int) -> None:
         self.set_lengths([slot], [0])
+        self.protected[slot] = 0
+
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """Point a slot's logical blocks at these physical blocks (its table grows as its request does)."""
+        if len(blocks) > self.max_blocks:
+            raise RuntimeError(f"slot {slot}: {len(blocks)} blocks exceed the table's {self.max_blocks}")
+        old = self.tables[slot]
+        self.tables[slot] = list(blocks)
+        n = len(blocks)
+        first = next((i for i, (a, b) in enumerate(zip(old, blocks)) if a != b), min(len(old), n))
+        if first < n:  # only the new entries travel (an asynchronous host-to-device copy, never a sync)
+            self._table_cpu[slot, first:n] = torch.tensor(blocks[first:], dtype=torch.long)
+            self.block_table[slot, first:n].copy_(self._table_cpu[slot, first:n], non_blocking=True)
 
     def set_lengths(self, slots: list[int], lengths: list[int]) -> None:
         """Set committed lengths (host list, CPU tensor and device copy together; the device copy is an
@@ -89,24 +142,61 @@ class KVCache:
         """How many cached positions of each row a layer holds: [B]."""
         return lengths.clamp(max=self.kept_size[layer])
 
+    def flat_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Physical rows (of a full layer's pool viewed as [blocks * block_size, Hkv, d]) of logical positions
+        [B, n] of the slots [B], through the device block table (no host sync)."""
+        bs = self.block_size
+        blk = positions.div(bs, rounding_mode="floor").clamp(max=self.max_blocks - 1)
+        return self.block_table[slots.to(self.block_table.device)[:, None], blk] * bs + positions % bs
+
     def gather(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n kept positions of each slot's buffer: k, v [B, n, Hkv, d] (a view when slots is one slot)."""
+        """The first n kept positions of each slot: k, v [B, n, Hkv, d] (sliding layers: a view when slots is one
+        slot; full layers: a copy of the slots' blocks, in logical order)."""
         k, v = self.k[layer], self.v[layer]
+        if not self.sliding[layer]:
+            pos = self.constant(("pos", n), lambda: torch.arange(n, device=k.device))
+            idx = self.flat_positions(slots, pos[None].expand(slots.numel(), n)).reshape(-1)
+            shape = (slots.numel(), n, *k.shape[2:])
+            return k.view(-1, *k.shape[2:])[idx].view(shape), v.view(-1, *v.shape[2:])[idx].view(shape)
         if slots.numel() == 1:
             s = int(slots[0])
             return k[s:s + 1, :n], v[s:s + 1, :n]
         return k[slots, :n], v[slots, :n]
 
-    def append(self, layer: int, slot: int, length: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens."""
+    def slot_kv(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot's buffer in one layer in position order, as a per-slot cache would hold it: [kept_size, Hkv, d]
+        each (for tests and tools; positions past the slot's table read block 0)."""
+        n = self.kept_size[layer]
+        k, v = self.gather(layer, torch.tensor([slot]), n)
+        return k[0], v[0]
+
+    def host_flat(self, slot: int, start: int, end: int) -> list[int]:
+        """Physical rows of positions [start, end) of a slot, from the host table (writes)."""
+        bs, t = self.block_size, self.tables[slot]
+        if end > len(t) * bs:
+            raise RuntimeError(f"KV cache slot {slot}: positions up to {end} need {-(-end // bs)} blocks, it holds "
+                               f"{len(t)}")
+        return [t[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def append(self, layer: int, slot: int, length: int, k: torch.Tensor, v: torch.Tensor,
+               rows: torch.Tensor | None = None) -> None:
+        """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens. Full layers write through the
+        block table (`rows`: the physical rows, from `host_flat`), and never below `protected[slot]` (shared
+        prefix blocks already hold those positions)."""
         n = k.shape[0]
         bk, bv = self.k[layer], self.v[layer]
         size = self.kept_size[layer]
         if not self.sliding[layer]:
             if length + n > size:
                 raise RuntimeError(f"KV cache slot {slot} overflow: {length} + {n} > capacity {size}")
-            bk[slot, length:length + n] = k
-            bv[slot, length:length + n] = v
+            skip = min(n, max(0, self.protected[slot] - length))
+            if rows is None:
+                rows = torch.tensor(self.host_flat(slot, length + skip, length + n), dtype=torch.long,
+                                    device=bk.device)
+            else:
+                rows = rows[skip:]
+            bk.view(-1, *bk.shape[2:]).index_copy_(0, rows, k[skip:].to(bk.dtype))
+            bv.view(-1, *bv.shape[2:]).index_copy_(0, rows, v[skip:].to(bv.dtype))
             return
         old = min(length, size)
         keep_old = max(0, min(old, size - n))  # old tokens that stay, shifted to the front
@@ -143,6 +233,7 @@ class EncodeSegment:
         ar = torch.arange(width, device=dev)
         self.positions = self.start.to(dev)[:, None] + ar
         self._masks: dict[tuple[int, bool], tuple[int, torch.Tensor]] = {}  # (buffer size, sliding) -> (kept, mask)
+        self._write_rows: dict[int, torch.Tensor] = {}
         self.window = cache.cfg.sliding_window
 
     def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
@@ -173,6 +264,8 @@ class EncodeSegment:
 
     def attend(self, layer: int, q, k, v):
         kc, mask = self._mask(layer)
+        if not self.cache.sliding[layer]:
+            k, v = self._shared(layer, k, v)
         if batch_invariant.enabled():
             out = self._attend_rows(layer, q, k, v, kc, mask)
         else:
@@ -183,9 +276,38 @@ class EncodeSegment:
                 keys, vals = k, v
             out = attention(q, keys, vals, mask)
         for b in range(q.shape[0]):
-            n = int(self.n_new[b])
-            self.cache.append(layer, int(self.slots[b]), int(self.start[b]), k[b, :n].detach(), v[b, :n].detach())
+            n, slot = int(self.n_new[b]), int(self.slots[b])
+            rows = None if self.cache.sliding[layer] else self._rows(b)
+            self.cache.append(layer, slot, int(self.start[b]), k[b, :n].detach(), v[b, :n].detach(), rows)
         return out
+
+    def _rows(self, b: int) -> torch.Tensor:
+        """Physical rows the full layers write row b's unprotected new tokens to (the same in every full layer)."""
+        if b not in self._write_rows:
+            slot, start, n = int(self.slots[b]), int(self.start[b]), int(self.n_new[b])
+            skip = min(n, max(0, self.cache.protected[slot] - start))
+            self._write_rows[b] = torch.tensor(self.cache.host_flat(slot, start + skip, start + n), dtype=torch.long,
+                                               device=self.input_ids.device)
+        return self._write_rows[b]
+
+    def _shared(self, layer: int, k, v):
+        """Full layers: new tokens below the slot's protected length (re-encoded over a cached prefix, to rebuild
+        the sliding layers) take the cached K/V of their positions instead of their own, as a run without the
+        prefix cache computed them. Returns k, v (copies when a row is protected)."""
+        cut = [(b, min(int(self.n_new[b]), self.cache.protected[int(self.slots[b])] - int(self.start[b])))
+               for b in range(k.shape[0])]
+        cut = [(b, m) for b, m in cut if m > 0]
+        if not cut:
+            return k, v
+        k, v = k.clone(), v.clone()
+        for b, m in cut:
+            start = int(self.start[b])
+            pos = torch.arange(start, start + m, device=k.device)[None]
+            rows = self.cache.flat_positions(self.slots[b:b + 1], pos)[0]
+            bk, bv = self.cache.k[layer], self.cache.v[layer]
+            k[b, :m] = bk.view(-1, *bk.shape[2:])[rows].to(k.dtype)
+            v[b, :m] = bv.view(-1, *bv.shape[2:])[rows].to(v.dtype)
+        return k, v
 
     def _attend_rows(self, layer, q, k, v, kc, mask):
         """Each row with its exact query and key lengths, so its result cannot depend on its batch mates."""
@@ -277,31 +399,55 @@ class CanvasSegment:
         b, c = canvas.shape
         dev = canvas.device
         self.positions = lengths[:, None] + cache.constant(("arange", c), lambda: torch.arange(c, device=dev))
-        self._plan: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._plan: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for size in sorted(set(cache.kept_size)):
-            kept = lengths if size >= cache.capacity else lengths.clamp(max=size)  # full layers keep everything
+            n_keys = key_lens[size]
+            # key j of a row is masked when j >= kept + C, i.e. j - C >= kept
+            keys = cache.constant(("keys", n_keys, c), lambda: torch.arange(-c, n_keys - c, device=dev)[None, None, None])
+            zeros = cache.constant(("zeros", b, n_keys, mask_dtype),
+                                   lambda: torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev))
+            if size >= cache.capacity:  # full layers: the paged pool
+                self._plan[size] = self._paged(b, c, n_keys, lengths, keys, zeros, dev)
+                continue
+            kept = lengths.clamp(max=size)
             buf = size + cache.scratch  # positions per slot in this buffer
             # flat (slot, position) of each canvas token: slot * buf + kept + j
             grid = cache.constant(("grid", b, c, buf), lambda: (torch.arange(b, device=dev) * buf)[:, None]
                                   + torch.arange(c, device=dev))
             write = (grid + kept[:, None]).reshape(-1)  # [B*C]
-            n_keys = min(key_lens[size], buf)
-            # key j of a row is masked when j >= kept + C, i.e. j - C >= kept
-            keys = cache.constant(("keys", n_keys, c), lambda: torch.arange(-c, n_keys - c, device=dev)[None, None, None])
-            zeros = cache.constant(("zeros", b, n_keys, mask_dtype),
-                                   lambda: torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev))
-            mask = zeros.masked_fill(keys >= kept[:, None, None, None], float("-inf"))
-            self._plan[size] = (n_keys, write, mask)
+            n_keys = min(n_keys, buf)
+            mask = zeros[..., :n_keys].masked_fill(keys[..., :n_keys] >= kept[:, None, None, None], float("-inf"))
+            self._plan[size] = (n_keys, write, mask, None)
+
+    def _paged(self, b, c, n_keys, kept, keys, zeros, dev):
+        """Full layers: the canvas K/V goes to each slot's scratch blocks; key j of row b is its logical position j
+        through the block table while j < kept, then canvas token j - kept in its scratch blocks. The keys are
+        gathered by one index (GATHER backend: a copy of each row's keys per layer; see docs/kv_cache.md)."""
+        cache = self.cache
+        bs, sb = cache.block_size, cache.scratch_blocks
+        base = cache.constant(("scratch_base", b), lambda: (cache.num_blocks + torch.arange(b, device=dev) * sb) * bs)
+        write = cache.constant(("scratch_write", b, c), lambda: (base[:, None] + torch.arange(c, device=dev)).reshape(-1))
+        jj = cache.constant(("arange", n_keys), lambda: torch.arange(n_keys, device=dev))
+        rows = cache.constant(("arange", b), lambda: torch.arange(b, device=dev))
+        logical = cache.flat_positions(rows, jj[None].expand(b, n_keys))
+        canvas = base[:, None] + (jj[None] - kept[:, None]).clamp(0, c - 1)
+        read = torch.where(jj[None] < kept[:, None], logical, canvas).reshape(-1)
+        mask = zeros.masked_fill(keys >= kept[:, None, None, None], float("-inf"))
+        return n_keys, write, mask, read
 
     def attend(self, layer: int, q, k, v):
         b, c, hq, d = q.shape
         hkv = k.shape[2]
-        n_keys, write, mask = self._plan[self.cache.kept_size[layer]]
+        n_keys, write, mask, read = self._plan[self.cache.kept_size[layer]]
         bk, bv = self.cache.k[layer], self.cache.v[layer]
         bk.view(-1, hkv, d).index_copy_(0, write, k.reshape(b * c, hkv, d).to(bk.dtype))
         bv.view(-1, hkv, d).index_copy_(0, write, v.reshape(b * c, hkv, d).to(bv.dtype))
-        keys = bk[:b, :n_keys].transpose(1, 2)  # [B, Hkv, K, d], a view of the cache
-        vals = bv[:b, :n_keys].transpose(1, 2)
+        if read is None:
+            keys = bk[:b, :n_keys].transpose(1, 2)  # [B, Hkv, K, d], a view of the cache
+            vals = bv[:b, :n_keys].transpose(1, 2)
+        else:
+            keys = bk.view(-1, hkv, d).index_select(0, read).view(b, n_keys, hkv, d).transpose(1, 2)
+            vals = bv.view(-1, hkv, d).index_select(0, read).view(b, n_keys, hkv, d).transpose(1, 2)
         rep = hq // hkv
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep * C, d].
         qf = q.view(b, c, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * c, d)
