@@ -181,7 +181,7 @@ class KVCache:
     def append(self, layer: int, slot: int, length: int, k: torch.Tensor, v: torch.Tensor,
                rows: torch.Tensor | None = None) -> None:
         """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens. Full layers write through the
-        block table (`rows`: the physical rows, from `host_flat`), and never below `protected[slot]` (shared
+        block table (`rows`: the physical rows of the written positions, from `host_flat`), and never below `protected[slot]` (shared
         prefix blocks already hold those positions)."""
         n = k.shape[0]
         bk, bv = self.k[layer], self.v[layer]
@@ -193,8 +193,6 @@ class KVCache:
             if rows is None:
                 rows = torch.tensor(self.host_flat(slot, length + skip, length + n), dtype=torch.long,
                                     device=bk.device)
-            else:
-                rows = rows[skip:]
             bk.view(-1, *bk.shape[2:]).index_copy_(0, rows, k[skip:].to(bk.dtype))
             bv.view(-1, *bv.shape[2:]).index_copy_(0, rows, v[skip:].to(bv.dtype))
             return
