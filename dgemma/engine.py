@@ -520,7 +520,7 @@ class Engine:
         if self._compiled is None:
             cuda = self.model.device.type == "cuda"
             for t in [self.canvas, self.prev_argmax, self.stable_run, self.steps_left, self.sc, self.denoising,
-                      self.draw_keys, self.cache.dev_lengths, self.cache.block_table, *self.cache.k, *self.cache.v,
+                      self.draw_keys, self.cache.dev_lengths, self.cache.block_table, *self.cache.buffers(),
                       *[v for v in vars(self.row_params).values() if isinstance(v, torch.Tensor)]]:
                 torch._dynamo.mark_static_address(t)
             self._compiled = torch.compile(self._fast_step, fullgraph=True, dynamic=False,

@@ -30,8 +30,10 @@ from .model import attention
 
 
 class KVCache:
-    """Sliding layers: a per-slot ring [slots, window + scratch, Hkv, d]. Full layers: a block pool
-    [num_blocks + slots * scratch_blocks, block_size, Hkv, d] read through a per-slot block table (module doc).
+    """Sliding layers: per slot, a canvas scratch head then a ring: [slots, scratch + window, Hkv, d]. Full layers:
+    a block pool of K and V together, [num_blocks + slots * scratch_blocks, block_size, Hkv, 2, d] (`self.k[i]`,
+    `self.v[i]` are its two strided halves), read through a per-slot block table whose first `scratch_blocks`
+    entries are the slot's canvas scratch blocks and the rest its logical blocks in position order (module doc).
 
     Without `num_blocks` the table is static: slot s owns the blocks [s * M, (s + 1) * M), M = ceil(capacity /
     block_size), as a preallocated per-slot cache would. With `num_blocks`, the engine hands blocks out
@@ -53,38 +55,42 @@ class KVCache:
         if self.num_blocks < 1:
             raise ValueError(f"KVCache needs num_blocks >= 1, got {num_blocks}")
         self.pool_blocks = self.num_blocks + num_slots * self.scratch_blocks  # physical blocks of a full layer
-        self.k: list[torch.Tensor] = []  # per layer: sliding [slots, kept + scratch, Hkv, d]; full [pool, bs, Hkv, d]
+        self.k: list[torch.Tensor] = []  # per layer: sliding [slots, scratch + kept, Hkv, d]; full [pool, bs, Hkv, d]
         self.v: list[torch.Tensor] = []
+        self.kv: dict[int, torch.Tensor] = {}  # full layers: the pool the k and v halves are views of
         self.sliding: list[bool] = []
         self.kept_size: list[int] = []  # per layer: committed positions a slot keeps (full layers: capacity)
         for i in range(cfg.num_hidden_layers):
             sliding = cfg.is_sliding(i)
             size = min(capacity, self.window) if sliding else capacity
             hd = (cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
-            shape = (num_slots, size + scratch, *hd) if sliding else (self.pool_blocks, bs, *hd)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            if sliding:
+                self.k.append(torch.zeros((num_slots, scratch + size, *hd), dtype=dtype, device=device))
+                self.v.append(torch.zeros((num_slots, scratch + size, *hd), dtype=dtype, device=device))
+            else:  # K and V of a position side by side: one gather reads both (CanvasSegment)
+                kv = self.kv[i] = torch.zeros((self.pool_blocks, bs, hd[0], 2, hd[1]), dtype=dtype, device=device)
+                self.k.append(kv[..., 0, :])
+                self.v.append(kv[..., 1, :])
             self.sliding.append(sliding)
             self.kept_size.append(size)
         self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [slots] committed tokens (positions) per slot
         self.host_lengths = [0] * num_slots  # the same numbers as Python ints (read without a device sync)
         self.dev_lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # and on the cache's device
-        # Block table: per slot, its logical blocks (max_blocks entries; unused ones point at block 0 and are never
-        # read unmasked), then its scratch blocks. Host lists, a CPU tensor and the device copy, as the lengths.
-        width = self.max_blocks + self.scratch_blocks
+        # Block table: per slot, its scratch blocks, then its logical blocks (max_blocks entries; unused ones point at
+        # block 0 and are never read unmasked). Host lists, a CPU tensor and the device copy, as the lengths.
+        width = self.scratch_blocks + self.max_blocks
         self.tables: list[list[int]] = [[] for _ in range(num_slots)]
         self._table_cpu = torch.zeros(num_slots, width, dtype=torch.long)
         for s in range(num_slots):
-            self._table_cpu[s, self.max_blocks:] = self.num_blocks + s * self.scratch_blocks + torch.arange(
+            self._table_cpu[s, :self.scratch_blocks] = self.num_blocks + s * self.scratch_blocks + torch.arange(
                 self.scratch_blocks)
         self.block_table = torch.zeros(num_slots, width, dtype=torch.long, device=device)
         self.protected = [0] * num_slots  # per slot: positions below this hold shared (prefix-cached) K/V
         self._constants: dict[tuple, torch.Tensor] = {}
+        self.block_table.copy_(self._table_cpu)
         if self.static:
             for s in range(num_slots):
                 self.set_blocks(s, list(range(s * self.max_blocks, (s + 1) * self.max_blocks)))
-        else:
-            self.block_table.copy_(self._table_cpu)
 
     @staticmethod
     def bytes_needed(cfg: TextConfig, num_slots: int, capacity: int, dtype: torch.dtype, scratch: int = 0,
@@ -111,7 +117,11 @@ class KVCache:
         return t
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors that hold the cache (full layers: the K/V pools, not their halves)."""
+        return [t for i in range(len(self.k)) for t in ((self.kv[i],) if i in self.kv else (self.k[i], self.v[i]))]
 
     def reset(self, slot: int) -> None:
         self.set_lengths([slot], [0])
@@ -126,8 +136,9 @@ class KVCache:
         n = len(blocks)
         first = next((i for i, (a, b) in enumerate(zip(old, blocks)) if a != b), min(len(old), n))
         if first < n:  # only the new entries travel (an asynchronous host-to-device copy, never a sync)
-            self._table_cpu[slot, first:n] = torch.tensor(blocks[first:], dtype=torch.long)
-            self.block_table[slot, first:n].copy_(self._table_cpu[slot, first:n], non_blocking=True)
+            a, b = self.scratch_blocks + first, self.scratch_blocks + n
+            self._table_cpu[slot, a:b] = torch.tensor(blocks[first:], dtype=torch.long)
+            self.block_table[slot, a:b].copy_(self._table_cpu[slot, a:b], non_blocking=True)
 
     def set_lengths(self, slots: list[int], lengths: list[int]) -> None:
         """Set committed lengths (host list, CPU tensor and device copy together; the device copy is an
@@ -146,7 +157,7 @@ class KVCache:
         """Physical rows (of a full layer's pool viewed as [blocks * block_size, Hkv, d]) of logical positions
         [B, n] of the slots [B], through the device block table (no host sync)."""
         bs = self.block_size
-        blk = positions.div(bs, rounding_mode="floor").clamp(max=self.max_blocks - 1)
+        blk = positions.div(bs, rounding_mode="floor").clamp(max=self.max_blocks - 1) + self.scratch_blocks
         return self.block_table[slots.to(self.block_table.device)[:, None], blk] * bs + positions % bs
 
     def gather(self, layer: int, slots: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +169,11 @@ class KVCache:
             idx = self.flat_positions(slots, pos[None].expand(slots.numel(), n)).reshape(-1)
             shape = (slots.numel(), n, *k.shape[2:])
             return k.view(-1, *k.shape[2:])[idx].view(shape), v.view(-1, *v.shape[2:])[idx].view(shape)
+        o = self.scratch  # the ring follows the canvas scratch head
         if slots.numel() == 1:
             s = int(slots[0])
-            return k[s:s + 1, :n], v[s:s + 1, :n]
-        return k[slots, :n], v[slots, :n]
+            return k[s:s + 1, o:o + n], v[s:s + 1, o:o + n]
+        return k[slots, o:o + n], v[slots, o:o + n]
 
     def slot_kv(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A slot's buffer in one layer in position order, as a per-slot cache would hold it: [kept_size, Hkv, d]
@@ -196,14 +208,15 @@ class KVCache:
             bk.view(-1, *bk.shape[2:]).index_copy_(0, rows, k[skip:].to(bk.dtype))
             bv.view(-1, *bv.shape[2:]).index_copy_(0, rows, v[skip:].to(bv.dtype))
             return
+        bk, bv = bk[slot, self.scratch:], bv[slot, self.scratch:]  # the ring
         old = min(length, size)
         keep_old = max(0, min(old, size - n))  # old tokens that stay, shifted to the front
         if keep_old and keep_old < old:
-            bk[slot, :keep_old] = bk[slot, old - keep_old:old].clone()
-            bv[slot, :keep_old] = bv[slot, old - keep_old:old].clone()
+            bk[:keep_old] = bk[old - keep_old:old].clone()
+            bv[:keep_old] = bv[old - keep_old:old].clone()
         take = min(n, size)
-        bk[slot, keep_old:keep_old + take] = k[n - take:]
-        bv[slot, keep_old:keep_old + take] = v[n - take:]
+        bk[keep_old:keep_old + take] = k[n - take:]
+        bv[keep_old:keep_old + take] = v[n - take:]
 
 
 def _as_long(x, device=None) -> torch.Tensor:
@@ -382,12 +395,16 @@ class CanvasSegment:
     """Fast bidirectional decode of the canvases of slots [0, B) (batch invariance off).
 
     Rows whose slot is not denoising ride along (their outputs are discarded by the engine): the shapes then depend
-    on B only, never on which slots are busy, which is what a captured step needs. Per layer, the canvas K/V is
-    written into the slot's scratch tail, right after its kept positions, and the keys [0, key_len) of the slots are
-    read in place; a row's keys past its own kept + canvas length are masked out.
+    on B only, never on which slots are busy, which is what a captured step needs. Every layer writes the canvas K/V
+    into the slot's *scratch head* (sliding layers: the positions before the ring; full layers: the slot's scratch
+    blocks), at indices that never change, and reads the keys canvas first: a decode query has no positional mask,
+    so key order is free. Sliding layers read [canvas | ring] in place, as a view; full layers read [scratch blocks |
+    the slot's blocks] with one gather of K and V together (the GATHER backend, docs/kv_cache.md). In both, key j of
+    a row is masked when j - C >= its committed length, so one mask serves every layer when the canvas fills whole
+    blocks (C a multiple of the block size).
 
-    `key_lens` maps a cache buffer size to the number of key positions to read (the host knows every slot's length,
-    so the engine picks it without a device sync; see `key_bucket`)."""
+    `key_lens` maps a cache buffer size to the number of cached positions to read past the canvas, at most (the host
+    knows every slot's length, so the engine picks it without a device sync; see `key_bucket`)."""
 
     causal = False
 
@@ -396,42 +413,48 @@ class CanvasSegment:
         self.cache, self.input_ids, self.sc_embeds = cache, canvas, sc_embeds
         b, c = canvas.shape
         dev = canvas.device
-        self.positions = lengths[:, None] + cache.constant(("arange", c), lambda: torch.arange(c, device=dev))
-        self._plan: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        for size in sorted(set(cache.kept_size)):
-            n_keys = key_lens[size]
-            # key j of a row is masked when j >= kept + C, i.e. j - C >= kept
-            keys = cache.constant(("keys", n_keys, c), lambda: torch.arange(-c, n_keys - c, device=dev)[None, None, None])
-            zeros = cache.constant(("zeros", b, n_keys, mask_dtype),
-                                   lambda: torch.zeros(b, 1, 1, n_keys, dtype=mask_dtype, device=dev))
-            if size >= cache.capacity:  # full layers: the paged pool
-                self._plan[size] = self._paged(b, c, n_keys, lengths, keys, zeros, dev)
-                continue
-            kept = lengths.clamp(max=size)
-            buf = size + cache.scratch  # positions per slot in this buffer
-            # flat (slot, position) of each canvas token: slot * buf + kept + j
-            grid = cache.constant(("grid", b, c, buf), lambda: (torch.arange(b, device=dev) * buf)[:, None]
-                                  + torch.arange(c, device=dev))
-            write = (grid + kept[:, None]).reshape(-1)  # [B*C]
-            n_keys = min(n_keys, buf)
-            mask = zeros[..., :n_keys].masked_fill(keys[..., :n_keys] >= kept[:, None, None, None], float("-inf"))
-            self._plan[size] = (n_keys, write, mask, None)
-
-    def _paged(self, b, c, n_keys, kept, keys, zeros, dev):
-        """Full layers: the canvas K/V goes to each slot's scratch blocks; key j of row b is its logical position j
-        through the block table while j < kept, then canvas token j - kept in its scratch blocks. The keys are
-        gathered by one index (GATHER backend: a copy of each row's keys per layer; see docs/kv_cache.md)."""
-        cache = self.cache
         bs, sb = cache.block_size, cache.scratch_blocks
-        base = cache.constant(("scratch_base", b), lambda: (cache.num_blocks + torch.arange(b, device=dev) * sb) * bs)
-        write = cache.constant(("scratch_write", b, c), lambda: (base[:, None] + torch.arange(c, device=dev)).reshape(-1))
-        jj = cache.constant(("arange", n_keys), lambda: torch.arange(n_keys, device=dev))
-        rows = cache.constant(("arange", b), lambda: torch.arange(b, device=dev))
-        logical = cache.flat_positions(rows, jj[None].expand(b, n_keys))
-        canvas = base[:, None] + (jj[None] - kept[:, None]).clamp(0, c - 1)
-        read = torch.where(jj[None] < kept[:, None], logical, canvas).reshape(-1)
-        mask = zeros.masked_fill(keys >= kept[:, None, None, None], float("-inf"))
-        return n_keys, write, mask, read
+        if cache.scratch < c:
+            raise ValueError(f"the cache's scratch ({cache.scratch}) is smaller than the canvas ({c})")
+        self.positions = lengths[:, None] + cache.constant(("arange", c), lambda: torch.arange(c, device=dev))
+        self._plan: dict[int, tuple] = {}
+        ext = {}  # size -> keys read (canvas head included)
+        for size in sorted(set(cache.kept_size)):
+            if size >= cache.capacity:  # full layers: whole blocks after the scratch blocks
+                nblk = min(-(-max(key_lens[size] - c, 1) // bs), cache.max_blocks)
+                ext[size] = (sb + nblk) * bs
+            else:
+                ext[size] = cache.scratch + min(max(key_lens[size] - c, 0), size)
+        def head(size):  # keys before the cached positions: the canvas, then padding
+            return sb * bs if size >= cache.capacity else cache.scratch
+
+        def shared(off, width):
+            # key j >= off stands for cached position j - off: masked when that is >= the row's length; the canvas
+            # keys (j < C) get a position below any length; padding (C <= j < off) is -inf in a constant base.
+            j = cache.constant(("arange", width), lambda: torch.arange(width, device=dev))
+            keys = cache.constant(("keys", off, width), lambda: torch.where(j < off, -2**62, j - off)[None, None, None])
+            base = cache.constant(("base", b, width, off, c, mask_dtype), lambda: torch.zeros(
+                b, 1, 1, width, dtype=mask_dtype, device=dev).masked_fill(((j >= c) & (j < off))[None, None, None],
+                                                                          float("-inf")))
+            return base.masked_fill(keys >= lengths[:, None, None, None], float("-inf"))
+
+        masks = {}  # one per head width: a single mask for every layer when the canvas fills whole blocks
+        for size in sorted(set(cache.kept_size)):
+            off = head(size)
+            if off not in masks:
+                masks[off] = shared(off, max(ext[z] for z in ext if head(z) == off))
+            mask = masks[off][..., :ext[size]]
+            if size >= cache.capacity:
+                write = cache.constant(("blocks_write", b, c), lambda: (
+                    (cache.num_blocks + torch.arange(b, device=dev) * sb)[:, None] * bs
+                    + torch.arange(c, device=dev)).reshape(-1))
+                read = cache.block_table[:b, :ext[size] // bs]  # [B, blocks]: a view of the table
+            else:
+                buf = cache.scratch + size
+                write = cache.constant(("ring_write", b, c, buf), lambda: (
+                    (torch.arange(b, device=dev) * buf)[:, None] + torch.arange(c, device=dev)).reshape(-1))
+                read = None
+            self._plan[size] = (ext[size], write, mask, read)
 
     def attend(self, layer: int, q, k, v):
         b, c, hq, d = q.shape
@@ -443,9 +466,9 @@ class CanvasSegment:
         if read is None:
             keys = bk[:b, :n_keys].transpose(1, 2)  # [B, Hkv, K, d], a view of the cache
             vals = bv[:b, :n_keys].transpose(1, 2)
-        else:
-            keys = bk.view(-1, hkv, d).index_select(0, read).view(b, n_keys, hkv, d).transpose(1, 2)
-            vals = bv.view(-1, hkv, d).index_select(0, read).view(b, n_keys, hkv, d).transpose(1, 2)
+        else:  # one gather of the rows' blocks, K and V together: [B, blocks, bs, Hkv, 2, d]
+            blocks = self.cache.kv[layer][read].view(b, n_keys, hkv, 2, d)
+            keys, vals = blocks[..., 0, :].transpose(1, 2), blocks[..., 1, :].transpose(1, 2)
         rep = hq // hkv
         # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep * C, d].
         qf = q.view(b, c, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * c, d)
