@@ -243,49 +243,41 @@ class EncodeSegment:
         dev = input_ids.device
         ar = torch.arange(width, device=dev)
         self.positions = self.start.to(dev)[:, None] + ar
-        self._masks: dict[tuple[int, bool], tuple[int, torch.Tensor]] = {}  # (buffer size, sliding) -> (kept, mask)
         self._write_rows: dict[int, torch.Tensor] = {}
         self.window = cache.cfg.sliding_window
 
-    def _mask(self, layer: int) -> tuple[int, torch.Tensor]:
-        size = self.cache.kept_size[layer]
-        key = (size, self.cache.sliding[layer])
-        if key not in self._masks:
-            dev = self.input_ids.device
-            kept = self.cache.kept(layer, self.start).to(dev)  # [B]
-            kc = int(kept.max()) if kept.numel() else 0
-            width = self.input_ids.shape[1]
-            start = self.start.to(dev)
-            qpos = self.positions  # [B, L]
-            # cached key j of row b sits at position start_b - kept_b + j
-            cpos = (start - kept)[:, None] + torch.arange(kc, device=dev)
-            cvalid = torch.arange(kc, device=dev)[None] < kept[:, None]
-            npos = self.positions
-            nvalid = torch.arange(width, device=dev)[None] < self.n_new.to(dev)[:, None]
-            kpos = torch.cat([cpos, npos], 1)  # [B, K]
-            kvalid = torch.cat([cvalid, nvalid], 1)
-            m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
-            if self.cache.sliding[layer]:
-                m &= (qpos[:, :, None] - kpos[:, None, :]) < self.window
-            if self.image_blocks is not None:  # [vision] an image's tokens see each other (every layer type)
-                blk = self.image_blocks.to(dev)
-                m[:, :, kc:] |= (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0) & nvalid[:, None, :]
-            self._masks[key] = (kc, m)
-        return self._masks[key]
+    def _row_mask(self, layer: int, b: int, c: int, n: int) -> torch.Tensor:
+        """[n, c + n] bool: which of row b's keys (its c cached positions, then its n new tokens) each new token
+        sees: causal, within the window on sliding layers, and [vision] bidirectional inside an image."""
+        dev = self.input_ids.device
+        start = int(self.start[b])
+        qpos = torch.arange(start, start + n, device=dev)
+        kpos = torch.cat([torch.arange(start - c, start, device=dev), qpos])
+        m = kpos[None, :] <= qpos[:, None]
+        if self.cache.sliding[layer]:
+            m &= (qpos[:, None] - kpos[None, :]) < self.window
+        if self.image_blocks is not None:  # [vision] an image's tokens see each other (every layer type)
+            blk = self.image_blocks[b, :n].to(dev)
+            m[:, c:] |= (blk[:, None] == blk[None, :]) & (blk[:, None] >= 0)
+        return m
 
     def attend(self, layer: int, q, k, v):
-        kc, mask = self._mask(layer)
+        """Each row with exactly its own keys (its cached prefix, gathered through the block table, and its new
+        tokens), one row at a time in both modes: the workspace is one row's, however long its batch mates are,
+        and in exact mode a row's result cannot depend on its batch mates."""
         if not self.cache.sliding[layer]:
             k, v = self._shared(layer, k, v)
-        if batch_invariant.enabled():
-            out = self._attend_rows(layer, q, k, v, kc, mask)
-        else:
-            if kc:
-                ck, cv = self.cache.gather(layer, self.slots, kc)
-                keys, vals = torch.cat([ck.to(k.dtype), k], 1), torch.cat([cv.to(v.dtype), v], 1)
+        out = torch.zeros_like(q)
+        kept = self.cache.kept(layer, self.start)
+        for b in range(q.shape[0]):
+            n, c = int(self.n_new[b]), int(kept[b])
+            if c:
+                ck, cv = self.cache.gather(layer, self.slots[b:b + 1], c)
+                keys = torch.cat([ck.to(k.dtype), k[b:b + 1, :n]], 1)
+                vals = torch.cat([cv.to(v.dtype), v[b:b + 1, :n]], 1)
             else:
-                keys, vals = k, v
-            out = attention(q, keys, vals, mask)
+                keys, vals = k[b:b + 1, :n], v[b:b + 1, :n]
+            out[b:b + 1, :n] = attention(q[b:b + 1, :n], keys, vals, self._row_mask(layer, b, c, n)[None])
         for b in range(q.shape[0]):
             n, slot = int(self.n_new[b]), int(self.slots[b])
             rows = None if self.cache.sliding[layer] else self._rows(b)
@@ -319,19 +311,6 @@ class EncodeSegment:
             k[b, :m] = bk.view(-1, *bk.shape[2:])[rows].to(k.dtype)
             v[b, :m] = bv.view(-1, *bv.shape[2:])[rows].to(v.dtype)
         return k, v
-
-    def _attend_rows(self, layer, q, k, v, kc, mask):
-        """Each row with its exact query and key lengths, so its result cannot depend on its batch mates."""
-        out = torch.zeros_like(q)
-        kept = self.cache.kept(layer, self.start)
-        for b in range(q.shape[0]):
-            n, c = int(self.n_new[b]), int(kept[b])
-            ck, cv = self.cache.gather(layer, self.slots[b:b + 1], c)
-            keys = torch.cat([ck.to(k.dtype), k[b:b + 1, :n]], 1)
-            vals = torch.cat([cv.to(v.dtype), v[b:b + 1, :n]], 1)
-            m = torch.cat([mask[b:b + 1, :n, :c], mask[b:b + 1, :n, kc:kc + n]], 2)
-            out[b:b + 1, :n] = attention(q[b:b + 1, :n], keys, vals, m)
-        return out
 
     def finish(self) -> None:
         """Advance the slot lengths once every layer has written its tokens."""
