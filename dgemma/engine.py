@@ -65,6 +65,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes between requests
     max_num_batched_tokens: int | None = None  # prompt tokens encoded per step, all requests together (None:
     # prefill_chunk); canvas commits are not counted: they never wait
+    kv_backend: str | None = None  # fast decode's full layers: "gather" or "flex" (None: flex when the step is
+    # compiled on CUDA, else gather; docs/kv_cache.md)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes", "block_size"):
@@ -85,6 +87,8 @@ class EngineConfig:
     @property
     def prefill_budget(self) -> int:
         return self.max_num_batched_tokens or self.prefill_chunk
+        if self.kv_backend not in (None, "gather", "flex"):
+            raise ValueError(f"EngineConfig.kv_backend must be 'gather', 'flex' or None, got {self.kv_backend!r}")
         if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
             raise ValueError(f"EngineConfig.batch_invariant must be a bool or None, got {self.batch_invariant!r}")
 
@@ -160,6 +164,9 @@ class Engine:
         self._compiled = None
         self._pack_dtype = torch.float32 if self.V <= 2**24 else torch.float64  # token ids exact in the read-back
         self._compile_failed = False  # automatic compilation (compile=None on CUDA) fell back to eager
+        want = config.compile if config.compile is not None else dev.type == "cuda"
+        # Eager flex attention materialises scores over the whole pool: flex only where the step is compiled.
+        self.kv_backend = config.kv_backend or ("flex" if want and dev.type == "cuda" else "gather")
         self._pinned: dict[torch.Size, torch.Tensor] = {}  # read-back buffers of the fast step (CUDA)
         self.slots: list[Sequence | None] = [None] * S
         self.waiting: deque[Sequence] = deque()
@@ -481,6 +488,8 @@ class Engine:
                     raise
                 log.warning("torch.compile of the fast step failed (%s); running it eagerly", str(e).split("\n")[0])
                 self._compile_failed = True
+                if self.cfg.kv_backend is None:
+                    self.kv_backend = "gather"
                 out = self._fast_step(*args)
         else:
             out = self._fast_step(*args)
@@ -538,7 +547,7 @@ class Engine:
         C, V = self.C, self.V
         model = self.model
         seg = CanvasSegment(self.cache, self.canvas[:b], self.cache.dev_lengths[:b], self.sc[:b], dict(key_lens),
-                            model.dtype)
+                            model.dtype, self.kv_backend)
         with batch_invariant.mode(False):
             hidden = model([seg])[0]  # [b, C, H]
         p = self.row_params

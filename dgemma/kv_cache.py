@@ -360,6 +360,9 @@ class DecodeSegment:
         return attention(q, k, v, mask)
 
 
+BACKENDS = ("gather", "flex")  # how the fast decode's full layers read the paged pool (docs/kv_cache.md)
+
+
 def key_bucket(n: int, quantum: int = 64) -> int:
     """A key count rounded up to a short geometric ladder (multiples of `quantum`, then 8 steps per doubling), so a
     compiled or captured decode step sees few distinct key lengths however the context grows. The keys past each
@@ -388,8 +391,10 @@ class CanvasSegment:
     causal = False
 
     def __init__(self, cache: KVCache, canvas: torch.Tensor, lengths: torch.Tensor, sc_embeds: torch.Tensor | None,
-                 key_lens: dict[int, int], mask_dtype: torch.dtype):
-        self.cache, self.input_ids, self.sc_embeds = cache, canvas, sc_embeds
+                 key_lens: dict[int, int], mask_dtype: torch.dtype, backend: str = "gather"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown paged attention backend {backend!r} (one of {', '.join(BACKENDS)})")
+        self.cache, self.input_ids, self.sc_embeds, self.backend = cache, canvas, sc_embeds, backend
         b, c = canvas.shape
         dev = canvas.device
         bs, sb = cache.block_size, cache.scratch_blocks
@@ -434,6 +439,41 @@ class CanvasSegment:
                     (torch.arange(b, device=dev) * buf)[:, None] + torch.arange(c, device=dev)).reshape(-1))
                 read = None
             self._plan[size] = (ext[size], write, mask, read)
+        if backend == "flex":
+            self._block_mask = self._flex_mask(b, c, lengths, dev)
+
+    def _flex_mask(self, b, c, lengths, dev):
+        """FLEX backend (full layers): a BlockMask over the whole pool whose KV blocks are the pages, listing for
+        row b its scratch blocks then its first ceil(len / bs) logical blocks (the block table row, read in place:
+        no copy of any key), with a mask_mod that keeps the filled positions of each listed page (a per-row fill
+        per physical block; it also carries membership, so the unfused math fallback is exact too)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        cache = self.cache
+        bs, sb = cache.block_size, cache.scratch_blocks
+        width = sb + cache.max_blocks
+        full = next(i for i, sl in enumerate(cache.sliding) if not sl)
+        rep = cache.cfg.num_attention_heads // cache.cfg.layer_kv_heads(full)
+        table = cache.block_table[:b]  # [B, W]
+        first = cache.constant(("flex_first", width), lambda: (torch.arange(width, device=dev) - sb) * bs)
+        canvas_fill = cache.constant(("flex_canvas", width, c), lambda: torch.where(
+            torch.arange(width, device=dev) < sb, (c - torch.arange(width, device=dev) * bs).clamp(0, bs), 0))
+        fill = torch.where(first < 0, canvas_fill, (lengths[:, None] - first).clamp(0, bs))  # [B, W]
+        zeros = cache.constant(("flex_zeros", b), lambda: torch.zeros(b, cache.pool_blocks, dtype=torch.long,
+                                                                        device=dev))
+        row_fill = zeros.scatter_add(1, table, fill)  # [B, pool blocks]: filled positions of each of the row's pages
+        num = (lengths.div(bs, rounding_mode="floor") + (lengths % bs > 0).long() + sb).to(torch.int32)
+
+        def mask_mod(bi, h, qi, kv):
+            return (kv % bs) < row_fill[bi, kv // bs]
+
+        # kv_indices spans every KV block of the keys (the pool); entries past `num` are never read
+        pad = cache.constant(("flex_pad", b, width), lambda: torch.zeros(b, cache.pool_blocks - width,
+                                                                          dtype=torch.long, device=dev))
+        indices = torch.cat([table, pad], 1).to(torch.int32)
+        return BlockMask.from_kv_blocks(num[:, None, None], indices[:, None, None, :],
+                                        BLOCK_SIZE=(rep * c, bs), mask_mod=mask_mod,
+                                        seq_lengths=(rep * c, cache.pool_blocks * bs))
 
     def attend(self, layer: int, q, k, v):
         b, c, hq, d = q.shape
@@ -442,14 +482,21 @@ class CanvasSegment:
         bk, bv = self.cache.k[layer], self.cache.v[layer]
         bk.view(-1, hkv, d).index_copy_(0, write, k.reshape(b * c, hkv, d).to(bk.dtype))
         bv.view(-1, hkv, d).index_copy_(0, write, v.reshape(b * c, hkv, d).to(bv.dtype))
+        rep = hq // hkv
+        # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep * C, d].
+        qf = q.view(b, c, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * c, d)
+        if read is not None and self.backend == "flex":  # the whole pool as keys [1, Hkv, blocks * bs, d], in place
+            from torch.nn.attention.flex_attention import flex_attention
+
+            keys = bk.view(-1, hkv, d).transpose(0, 1)[None]
+            vals = bv.view(-1, hkv, d).transpose(0, 1)[None]
+            out = flex_attention(qf, keys.to(q.dtype), vals.to(q.dtype), block_mask=self._block_mask, scale=1.0)
+            return out.view(b, hkv, rep, c, d).permute(0, 3, 1, 2, 4).reshape(b, c, hq, d)
         if read is None:
             keys = bk[:b, :n_keys].transpose(1, 2)  # [B, Hkv, K, d], a view of the cache
             vals = bv[:b, :n_keys].transpose(1, 2)
         else:  # one gather of the rows' blocks, K and V together: [B, blocks, bs, Hkv, 2, d]
             blocks = self.cache.kv[layer][read].view(b, n_keys, hkv, 2, d)
             keys, vals = blocks[..., 0, :].transpose(1, 2), blocks[..., 1, :].transpose(1, 2)
-        rep = hq // hkv
-        # Fold the query heads that share a KV head into the query axis: [B, Hkv, rep * C, d].
-        qf = q.view(b, c, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * c, d)
         out = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=mask, scale=1.0)
         return out.view(b, hkv, rep, c, d).permute(0, 3, 1, 2, 4).reshape(b, c, hq, d)
