@@ -252,17 +252,24 @@ class Engine:
         enc, chunks = self._schedule_encode([s for s in running if not s.denoising])
         dec = [s for s in running if s.denoising]
         segments = []
+        enc_segs = []
         if enc:
             for s, c in zip(enc, chunks):  # blocks for the new positions, out of the request's reservation
                 self._grow(s, self.cache.host_lengths[s.slot] + len(c))
-            ids = torch.full((len(enc), max(map(len, chunks))), self.pad_id, dtype=torch.long)
-            for i, c in enumerate(chunks):
-                ids[i, :len(c)] = torch.tensor(c)
-            enc_seg = EncodeSegment(self.cache, ids.to(self.model.device), [s.slot for s in enc],
-                                    [len(c) for c in chunks])
-            vision_prompt.attach(enc_seg, self.model, [(s.images if s.pending_commit is None else None, s.prefilled)
-                                                       for s in enc])  # [vision]
-            segments.append(enc_seg)
+            # Commits (all one canvas wide) share a segment; each prompt chunk has its own, so no row is padded to
+            # another's width: a forward holds at most the prefill budget plus one canvas per slot.
+            groups = [[i for i, s in enumerate(enc) if s.pending_commit is not None]]
+            groups += [[i] for i, s in enumerate(enc) if s.pending_commit is None]
+            for group in filter(None, groups):
+                ids = torch.full((len(group), max(len(chunks[i]) for i in group)), self.pad_id, dtype=torch.long)
+                for r, i in enumerate(group):
+                    ids[r, :len(chunks[i])] = torch.tensor(chunks[i])
+                seg = EncodeSegment(self.cache, ids.to(self.model.device), [enc[i].slot for i in group],
+                                    [len(chunks[i]) for i in group])
+                vision_prompt.attach(seg, self.model, [(enc[i].images if enc[i].pending_commit is None else None,
+                                                        enc[i].prefilled) for i in group])  # [vision]
+                enc_segs.append(seg)
+            segments += enc_segs
         if dec and not self.exact:
             fast = [s for s in dec if s.constraint is None]  # [constrained] rows take the per-row path below
             if fast:
@@ -283,7 +290,8 @@ class Engine:
             hidden = self.model(segments)
             self.stats["forwards"] += 1
         if enc:
-            enc_seg.finish()
+            for seg in enc_segs:
+                seg.finish()
             for s, c in zip(enc, chunks):
                 if s.pending_commit is not None:
                     s.pending_commit = None
