@@ -246,19 +246,20 @@ class EncodeSegment:
         self._write_rows: dict[int, torch.Tensor] = {}
         self.window = cache.cfg.sliding_window
 
-    def _row_mask(self, layer: int, b: int, c: int, n: int) -> torch.Tensor:
-        """[n, c + n] bool: which of row b's keys (its c cached positions, then its n new tokens) each new token
-        sees: causal, within the window on sliding layers, and [vision] bidirectional inside an image."""
+    def _row_mask(self, layer: int, b: int, c: int, n: int, i: int, j: int) -> torch.Tensor:
+        """[j - i, c + n] bool: which of row b's keys (its c cached positions, then its n new tokens) its new
+        tokens i..j-1 see: causal, within the window on sliding layers, and [vision] bidirectional inside an
+        image."""
         dev = self.input_ids.device
         start = int(self.start[b])
-        qpos = torch.arange(start, start + n, device=dev)
-        kpos = torch.cat([torch.arange(start - c, start, device=dev), qpos])
+        qpos = torch.arange(start + i, start + j, device=dev)
+        kpos = torch.arange(start - c, start + n, device=dev)
         m = kpos[None, :] <= qpos[:, None]
         if self.cache.sliding[layer]:
             m &= (qpos[:, None] - kpos[None, :]) < self.window
         if self.image_blocks is not None:  # [vision] an image's tokens see each other (every layer type)
             blk = self.image_blocks[b, :n].to(dev)
-            m[:, c:] |= (blk[:, None] == blk[None, :]) & (blk[:, None] >= 0)
+            m[:, c:] |= (blk[i:j, None] == blk[None, :]) & (blk[i:j, None] >= 0)
         return m
 
     def attend(self, layer: int, q, k, v):
@@ -277,7 +278,15 @@ class EncodeSegment:
                 vals = torch.cat([cv.to(v.dtype), v[b:b + 1, :n]], 1)
             else:
                 keys, vals = k[b:b + 1, :n], v[b:b + 1, :n]
-            out[b:b + 1, :n] = attention(q[b:b + 1, :n], keys, vals, self._row_mask(layer, b, c, n)[None])
+            # Queries in pieces when the row's [queries, keys] masks would be large (long contexts): each piece's
+            # masks are at most MASK_PAIRS elements; the expanded keys are shared by the pieces.
+            step = max(1, MASK_PAIRS // (c + n))
+            rep = q.shape[2] // k.shape[2]
+            if step < n and rep > 1:  # expand the grouped KV heads once, not once per piece
+                keys, vals = keys.repeat_interleave(rep, dim=2), vals.repeat_interleave(rep, dim=2)
+            for i in range(0, n, step):
+                j = min(n, i + step)
+                out[b:b + 1, i:j] = attention(q[b:b + 1, i:j], keys, vals, self._row_mask(layer, b, c, n, i, j)[None])
         for b in range(q.shape[0]):
             n, slot = int(self.n_new[b]), int(self.slots[b])
             rows = None if self.cache.sliding[layer] else self._rows(b)
@@ -360,6 +369,7 @@ class DecodeSegment:
         return attention(q, k, v, mask)
 
 
+MASK_PAIRS = 1 << 26  # an encode row's queries go in pieces whose [queries, keys] masks stay below this
 BACKENDS = ("gather", "flex")  # how the fast decode's full layers read the paged pool (docs/kv_cache.md)
 
 
