@@ -369,7 +369,7 @@ class DecodeSegment:
         return attention(q, k, v, mask)
 
 
-MASK_PAIRS = 1 << 26  # an encode row's queries go in pieces whose [queries, keys] masks stay below this
+MASK_PAIRS = 1 << 24  # an encode row's queries go in pieces whose [queries, keys] masks stay below this
 BACKENDS = ("gather", "flex")  # how the fast decode's full layers read the paged pool (docs/kv_cache.md)
 
 
