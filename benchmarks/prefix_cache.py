@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefix", type=int, default=2000)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ck = checkpoint.load(default_model_path())
@@ -59,28 +60,37 @@ def main(argv=None) -> dict:
     rng = random.Random(0)
     prefix = [rng.randrange(3, V) for _ in range(args.prefix)]
     tails = [[rng.randrange(3, V) for _ in range(n)] for n in (12, 30, 7)]
-    rows = {}
-    for caching in (False, True):
-        eng = Engine(ck.model, eos_token_ids=[1], defaults=ck.generation, config=EngineConfig(
-            max_num_seqs=4, max_model_len=4096, block_size=args.block_size, enable_prefix_caching=caching))
-        first_canvas(eng, [5, 6, 7], 0)  # warm-up (not cached: no full block)
-        runs = []
-        for i, tail in enumerate(tails):
-            hits0, q0, pre0 = (eng.stats[k] for k in ("prefix_cache_hits", "prefix_cache_queries", "prefill_tokens"))
-            ttfc, prefill, out = first_canvas(eng, prefix + tail, 10 + i)
-            runs.append({"prompt_tokens": len(prefix) + len(tail), "ttfc_s": round(ttfc, 4),
-                         "prefill_s": round(prefill, 4), "first_canvas_steps": out.steps_per_canvas[0],
-                         "tokens": out.token_ids,
-                         "prefix_cache_hit_tokens": eng.stats["prefix_cache_hits"] - hits0,
-                         "prefix_cache_query_tokens": eng.stats["prefix_cache_queries"] - q0,
-                         "prefill_tokens": eng.stats["prefill_tokens"] - pre0})
-        rows["on" if caching else "off"] = runs
+    rows = {"off": None, "on": None}
+    for _ in range(args.repeats):  # best of N, cache off and on interleaved (a shared, noisy machine)
+        for caching in (False, True):
+            eng = Engine(ck.model, eos_token_ids=[1], defaults=ck.generation, config=EngineConfig(
+                max_num_seqs=4, max_model_len=4096, block_size=args.block_size, enable_prefix_caching=caching))
+            first_canvas(eng, [5, 6, 7], 0)  # warm-up (not cached: no full block)
+            runs = []
+            for i, tail in enumerate(tails):
+                hits0, q0, pre0 = (eng.stats[k] for k in ("prefix_cache_hits", "prefix_cache_queries",
+                                                          "prefill_tokens"))
+                ttfc, prefill, out = first_canvas(eng, prefix + tail, 10 + i)
+                runs.append({"prompt_tokens": len(prefix) + len(tail), "ttfc_s": round(ttfc, 4),
+                             "prefill_s": round(prefill, 4), "first_canvas_steps": out.steps_per_canvas[0],
+                             "tokens": out.token_ids,
+                             "prefix_cache_hit_tokens": eng.stats["prefix_cache_hits"] - hits0,
+                             "prefix_cache_query_tokens": eng.stats["prefix_cache_queries"] - q0,
+                             "prefill_tokens": eng.stats["prefill_tokens"] - pre0})
+            key = "on" if caching else "off"
+            if rows[key] is None:
+                rows[key] = runs
+            else:
+                for best, r in zip(rows[key], runs):
+                    assert best["tokens"] == r["tokens"]
+                    best["ttfc_s"], best["prefill_s"] = min(best["ttfc_s"], r["ttfc_s"]), min(best["prefill_s"],
+                                                                                             r["prefill_s"])
     on, off = rows["on"], rows["off"]
     identical = all(a["tokens"] == b["tokens"] for a, b in zip(on, off))
     hits = sum(r["prefix_cache_hit_tokens"] for r in on)
     queries = sum(r["prefix_cache_query_tokens"] for r in on)
     result = {
-        "model": "dgemma/assets/shakespeare", "mode": "exact", "threads": args.threads,
+        "model": "dgemma/assets/shakespeare", "mode": "exact", "threads": args.threads, "best_of": args.repeats,
         "block_size": args.block_size, "shared_prefix_tokens": args.prefix,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "requests": [{"cache": c, **{k: v for k, v in r.items() if k != "tokens"}}
@@ -88,6 +98,8 @@ def main(argv=None) -> dict:
         "ttfc_speedup_second_vs_first": round(on[0]["ttfc_s"] / on[1]["ttfc_s"], 2),
         "ttfc_speedup_third_vs_first": round(on[0]["ttfc_s"] / on[2]["ttfc_s"], 2),
         "ttfc_speedup_second_vs_no_cache": round(off[1]["ttfc_s"] / on[1]["ttfc_s"], 2),
+        "ttfc_speedup_third_vs_no_cache": round(off[2]["ttfc_s"] / on[2]["ttfc_s"], 2),
+        "prefill_speedup_second_vs_no_cache": round(off[1]["prefill_s"] / on[1]["prefill_s"], 2),
         "prefill_speedup_second_vs_first": round(on[0]["prefill_s"] / on[1]["prefill_s"], 2),
         "prefill_speedup_third_vs_first": round(on[0]["prefill_s"] / on[2]["prefill_s"], 2),
         "hit_rate_tokens": round(hits / queries, 4),

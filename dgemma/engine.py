@@ -348,10 +348,13 @@ class Engine:
         return admitted
 
     def _blocks_needed(self, seq: Sequence) -> int:
-        """Blocks the request can ever hold: its prompt and every canvas it may commit (all but the last, which
-        ends the request and is never encoded)."""
-        canvases = -(-seq.max_new_tokens // self.C)
-        tokens = len(seq.prompt) + (canvases - 1) * self.C
+        return self.blocks_needed(len(seq.prompt), seq.max_new_tokens)
+
+    def blocks_needed(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV blocks a request can ever hold: its prompt and every canvas it may commit (all but the last, which
+        ends the request and is never encoded). Admission reserves this many."""
+        canvases = -(-max_new_tokens // self.C)
+        tokens = prompt_len + (canvases - 1) * self.C
         return -(-tokens // self.pool.block_size)
 
     def _prompt_hashes(self, prompt: list[int]) -> list[bytes]:

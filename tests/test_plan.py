@@ -289,3 +289,24 @@ def test_metrics_report_kv_blocks_and_prefix_cache(ckpt):
     blocks = {s: values[f'dgemma_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free", "reserved")}
     assert blocks["used"] == blocks["reserved"] == 0 and blocks["cached"] == 2
     assert blocks["cached"] + blocks["free"] == llm.engine.pool.num_blocks
+
+
+def test_server_refuses_a_request_larger_than_the_kv_pool(ckpt):
+    """A pool of 2 blocks of 64 (--num-kv-blocks 2, memory check off): a request that could need 3 gets a 400 that
+    says why, before it queues; one that fits is served."""
+    import httpx
+
+    from dgemma.server import ServerConfig
+    from dgemma.server import cli as serve_cli
+
+    llm, app = serve_cli.build(ServerConfig(model=str(ckpt), max_num_seqs=2, max_model_len=256, num_kv_blocks=2,
+                                            check_memory=False))
+    assert llm.engine.pool.num_blocks == 2
+    with serve_cli.BackgroundServer(app) as srv:
+        big = httpx.post(srv.url + "/v1/completions", json={"model": str(ckpt), "prompt": list(range(5, 155)),
+                                                            "max_tokens": 16}, timeout=60)
+        small = httpx.post(srv.url + "/v1/completions", json={"model": str(ckpt), "prompt": list(range(5, 15)),
+                                                              "max_tokens": 16, "seed": 0}, timeout=60)
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    assert "needs 3 KV blocks" in big.json()["error"]["message"]
+    assert small.status_code == 200
