@@ -7,22 +7,23 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
 
 - **weights**: every parameter and buffer of the text model (counted on the meta device) at the serving dtype, plus
   the vision tower's when the checkpoint has one. The fused q/k/v and gate/up matrices of the fast path are views.
-- **KV cache**, exactly as `KVCache` allocates it today: per slot, full-attention layers keep `max_model_len`
-  positions, sliding layers only `sliding_window - 1`, and every layer a scratch tail of `canvas_length` positions
-  (the fast decode's canvas K/V). A slot costs this whatever its request holds: the cache is not paged.
+- **KV cache**, exactly as `KVCache` allocates it (docs/kv_cache.md): the full layers' paged *pool*
+  (`num_kv_blocks` blocks of `block_size` positions; by default all the memory left after everything else, at most
+  `max_num_seqs` full-length requests' worth, and at least one or the plan does not fit), and *per slot* only the
+  sliding layers' rings (`sliding_window - 1` positions plus a `canvas_length` head for the fast decode's canvas)
+  and the full layers' canvas scratch blocks.
 - **attention workspace**, the transient buffers of the attention the mode runs (SDPA never materialises scores
-  here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst step is a prefill in which
-  every slot encodes a `prefill_chunk` of new tokens against a prefix that fills its cache:
-  * fast mode (`EncodeSegment` without batch invariance): all rows at once; per row and layer, a gathered copy of
-    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion
-    to every query head (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2:
-    the alignment pad);
-  * exact mode: the same copies for one row at a time (each row attends alone);
-  * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward;
-  * on the CPU, SDPA's flash kernel copies the expanded K and V once more (measured; CUDA's memory-efficient kernel
-    reads them through strides, not measured here).
-  The fast decode step itself reads K/V in place (`CanvasSegment`): its workspace is the folded queries only.
-- **activations of one forward**: every slot's chunk (or canvas) at once; an fp32 upper bound per token of the
+  here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst encode is one row (both modes
+  attend one row at a time, `EncodeSegment`) encoding a chunk against a full context: per layer, its cached prefix
+  gathered through the block table, the concatenation with the new keys, the grouped-KV expansion to every query
+  head (`repeat_interleave`), for K and V; the boolean and additive masks of one piece of queries (at most
+  `kv_cache.MASK_PAIRS` query x key pairs); on the CPU, SDPA's flash kernel copies the expanded K and V once more
+  (measured; CUDA's memory-efficient kernel reads them through strides, not measured here). The fast decode reads
+  the sliding layers' K/V in place; its full layers read the pool in place with FlexAttention when the step is
+  compiled on CUDA, and otherwise gather every row's blocks, padded to the longest row (counted as the eager
+  decode's workspace).
+- **activations of one forward**: the prefill budget (`max_num_batched_tokens`) plus one canvas commit per slot
+  (and, in exact mode, the denoising canvases, which share the forward); an fp32 upper bound per token of the
   residual stream, norms, projections, dense MLP, router and the MoE's grouped-GEMM intermediates (k rows per
   token).
 - **logits slab**: `[rows, canvas, vocab]` fp32 logits in slabs of the rows `logits_budget_bytes` admits (at
