@@ -76,6 +76,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {v!r}")
+        if self.kv_backend not in (None, "gather", "flex"):
+            raise ValueError(f"EngineConfig.kv_backend must be 'gather', 'flex' or None, got {self.kv_backend!r}")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"EngineConfig.batch_invariant must be a bool or None, got {self.batch_invariant!r}")
 
     @property
     def kv_blocks(self) -> int:
@@ -87,10 +91,6 @@ class EngineConfig:
     @property
     def prefill_budget(self) -> int:
         return self.max_num_batched_tokens or self.prefill_chunk
-        if self.kv_backend not in (None, "gather", "flex"):
-            raise ValueError(f"EngineConfig.kv_backend must be 'gather', 'flex' or None, got {self.kv_backend!r}")
-        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"EngineConfig.batch_invariant must be a bool or None, got {self.batch_invariant!r}")
 
 
 class PromptTooLongError(ValueError):

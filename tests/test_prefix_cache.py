@@ -144,3 +144,10 @@ def test_request_larger_than_the_pool_is_refused(model):
     with pytest.raises(PromptTooLongError, match="KV blocks"):
         eng.add_request(list(range(2, 30)), params(0))
     assert not eng.waiting
+
+
+@pytest.mark.parametrize("bad", [dict(block_size=0), dict(num_kv_blocks=0), dict(max_num_batched_tokens=-1),
+                                 dict(kv_backend="paged"), dict(batch_invariant="yes")])
+def test_engine_config_rejects_bad_kv_settings(bad):
+    with pytest.raises(ValueError, match="EngineConfig"):
+        EngineConfig(**bad)
