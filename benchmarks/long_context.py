@@ -72,8 +72,8 @@ def main(argv=None) -> dict:
     for n in args.lengths:
         out = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    slope = [(b["peak_rss_above_model_bytes"] - a["peak_rss_above_model_bytes"]) / (b["prompt_tokens"] - a["prompt_tokens"])
-             for a, b in zip(rows, rows[1:])]
+    peak = "peak_rss_above_model_bytes"
+    slope = [(b[peak] - a[peak]) / (b["prompt_tokens"] - a["prompt_tokens"]) for a, b in zip(rows, rows[1:])]
     result = {"model": "op_count.tiny_release_config(layers=6, vocab=4096, canvas=64), fp32", "mode": "exact",
               "threads": 1, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "runs": rows, "peak_rss_bytes_per_prompt_token": [round(s) for s in slope]}

@@ -149,7 +149,8 @@ class BlockPool:
         assert not free & lru
         for b in range(self.num_blocks):
             held = self.refs[b] > 0
-            assert (b in free) + (b in lru) + held == 1, f"block {b} is in {int(b in free) + int(b in lru) + held} states"
+            states = (b in free) + (b in lru) + held
+            assert states == 1, f"block {b} is in {states} states"
             assert (b in lru) <= (b in self.hash_of)
         assert all(self.table[h] == b for b, h in self.hash_of.items()) and len(self.table) == len(self.hash_of)
         assert 0 <= self.reserved <= len(self.free) + len(self.lru)

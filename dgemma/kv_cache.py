@@ -1,22 +1,24 @@
-"""The KV cache of committed tokens, and the two kinds of forward segment that use it.
+"""The KV cache of committed tokens, and the kinds of forward segment that use it (docs/kv_cache.md).
 
-`KVCache` is preallocated per sequence *slot*, with a per-slot length, so one forward can batch many sequences of
-different lengths. Full-attention layers keep every position up to `capacity`. Sliding layers keep only the last
-`sliding_window - 1` positions (exactly what the reference's sliding cache keeps, and all that a sliding query can
-see), so a 262,144-token context costs full-length KV only in the full layers.
+`KVCache` serves sequence *slots*, each with a length, so one forward can batch many sequences of different
+lengths. Sliding layers keep, per slot, only the last `sliding_window - 1` positions (exactly what the reference's
+sliding cache keeps, and all that a sliding query can see), left-aligned oldest first after a canvas scratch head:
+O(window) per slot. Full-attention layers keep every position in a *paged pool* of fixed-size blocks shared by all
+slots, read through a per-slot block table (position p in block `table[p // block_size]`, offset `p % block_size`);
+the engine allocates blocks as requests grow (`block_pool.BlockPool`), and requests with a common prompt prefix
+share its blocks. A 262,144-token context thus costs full-length KV only in the full layers, and only for what
+requests hold.
 
-Buffers are laid out [slot, position, kv_head, head_dim], so writing a row's new tokens is one contiguous copy.
-Sliding buffers hold a slot's last `min(length, window)` tokens left-aligned, oldest first.
-
-- `EncodeSegment`: causal rows (prompt prefill, canvas commit). Attends to the cache plus its own tokens, causally,
-  with the sliding window; appends its tokens to the cache; `finish()` advances the slot lengths.
+- `EncodeSegment`: causal rows (prompt prefill, canvas commit). Each row attends, alone, to its cached prefix
+  (gathered through the block table) plus its own tokens, causally, with the sliding window; appends its tokens to
+  the cache (never over shared prefix blocks); `finish()` advances the slot lengths.
 - `DecodeSegment`: bidirectional canvases. Attends to the cache (sliding layers: the whole kept window) plus the
   whole canvas. Reads only. Exact: each row attends alone, over exactly its own keys (the batch-invariant twin of
   the reference).
 - `CanvasSegment`: the fast decode (batch invariance off). Rows are the slots `[0, B)`; each layer writes the
-  canvas K/V into a per-slot *scratch tail* of the cache (the `scratch` positions after the kept ones, never
-  committed), so the keys are read in place as a view, without any gather or concatenation of the prefix; the
-  grouped KV heads are folded into the query axis; one SDPA call per layer with a per-row key-length mask.
+  canvas K/V into the slot's scratch (never committed) at fixed indices and reads its keys canvas first: sliding
+  layers as a view, full layers by one gather of their blocks or, with FlexAttention, in place; the grouped KV heads
+  are folded into the query axis; one attention call per layer with a per-row key-length mask.
 """
 
 from __future__ import annotations
@@ -193,8 +195,8 @@ class KVCache:
     def append(self, layer: int, slot: int, length: int, k: torch.Tensor, v: torch.Tensor,
                rows: torch.Tensor | None = None) -> None:
         """Write a row's new tokens k/v [n, Hkv, d] after `length` committed tokens. Full layers write through the
-        block table (`rows`: the physical rows of the written positions, from `host_flat`), and never below `protected[slot]` (shared
-        prefix blocks already hold those positions)."""
+        block table (`rows`: the physical rows of the written positions, from `host_flat`), never below
+        `protected[slot]` (shared prefix blocks already hold those positions)."""
         n = k.shape[0]
         bk, bv = self.k[layer], self.v[layer]
         size = self.kept_size[layer]
@@ -395,8 +397,8 @@ class CanvasSegment:
     a row is masked when j - C >= its committed length, so one mask serves every layer when the canvas fills whole
     blocks (C a multiple of the block size).
 
-    `key_lens` maps a cache buffer size to the number of cached positions to read past the canvas, at most (the host
-    knows every slot's length, so the engine picks it without a device sync; see `key_bucket`)."""
+    `key_lens` maps a cache buffer size to a key count, the longest row's kept positions plus the canvas, bucketed
+    (the host knows every slot's length, so the engine picks it without a device sync; see `key_bucket`)."""
 
     causal = False
 
