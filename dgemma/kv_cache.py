@@ -413,16 +413,18 @@ class CanvasSegment:
         if cache.scratch < c:
             raise ValueError(f"the cache's scratch ({cache.scratch}) is smaller than the canvas ({c})")
         self.positions = lengths[:, None] + cache.constant(("arange", c), lambda: torch.arange(c, device=dev))
-        self._plan: dict[int, tuple] = {}
-        ext = {}  # size -> keys read (canvas head included)
-        for size in sorted(set(cache.kept_size)):
-            if size >= cache.capacity:  # full layers: whole blocks after the scratch blocks
+        self._plan: dict[tuple[int, bool], tuple] = {}  # (kept size, sliding) -> the layer kind's plan
+        kinds = sorted(set(zip(cache.kept_size, cache.sliding)))
+        ext = {}  # kind -> keys read (canvas head included)
+        for size, sliding in kinds:
+            if not sliding:  # full layers: whole blocks after the scratch blocks
                 nblk = min(-(-max(key_lens[size] - c, 1) // bs), cache.max_blocks)
-                ext[size] = (sb + nblk) * bs
+                ext[size, sliding] = (sb + nblk) * bs
             else:
-                ext[size] = cache.scratch + min(max(key_lens[size] - c, 0), size)
-        def head(size):  # keys before the cached positions: the canvas, then padding
-            return sb * bs if size >= cache.capacity else cache.scratch
+                ext[size, sliding] = cache.scratch + min(max(key_lens[size] - c, 0), size)
+
+        def head(kind):  # keys before the cached positions: the canvas, then padding
+            return cache.scratch if kind[1] else sb * bs
 
         def shared(off, width):
             # key j >= off stands for cached position j - off: masked when that is >= the row's length; the canvas
@@ -435,22 +437,23 @@ class CanvasSegment:
             return base.masked_fill(keys >= lengths[:, None, None, None], float("-inf"))
 
         masks = {}  # one per head width: a single mask for every layer when the canvas fills whole blocks
-        for size in sorted(set(cache.kept_size)):
-            off = head(size)
+        for kind in kinds:
+            size, sliding = kind
+            off = head(kind)
             if off not in masks:
                 masks[off] = shared(off, max(ext[z] for z in ext if head(z) == off))
-            mask = masks[off][..., :ext[size]]
-            if size >= cache.capacity:
+            mask = masks[off][..., :ext[kind]]
+            if not sliding:
                 write = cache.constant(("blocks_write", b, c), lambda: (
                     (cache.num_blocks + torch.arange(b, device=dev) * sb)[:, None] * bs
                     + torch.arange(c, device=dev)).reshape(-1))
-                read = cache.block_table[:b, :ext[size] // bs]  # [B, blocks]: a view of the table
+                read = cache.block_table[:b, :ext[kind] // bs]  # [B, blocks]: a view of the table
             else:
                 buf = cache.scratch + size
                 write = cache.constant(("ring_write", b, c, buf), lambda: (
                     (torch.arange(b, device=dev) * buf)[:, None] + torch.arange(c, device=dev)).reshape(-1))
                 read = None
-            self._plan[size] = (ext[size], write, mask, read)
+            self._plan[kind] = (ext[kind], write, mask, read)
         if backend == "flex":
             self._block_mask = self._flex_mask(b, c, lengths, dev)
 
@@ -490,7 +493,7 @@ class CanvasSegment:
     def attend(self, layer: int, q, k, v):
         b, c, hq, d = q.shape
         hkv = k.shape[2]
-        n_keys, write, mask, read = self._plan[self.cache.kept_size[layer]]
+        n_keys, write, mask, read = self._plan[self.cache.kept_size[layer], self.cache.sliding[layer]]
         bk, bv = self.cache.k[layer], self.cache.v[layer]
         bk.view(-1, hkv, d).index_copy_(0, write, k.reshape(b * c, hkv, d).to(bk.dtype))
         bv.view(-1, hkv, d).index_copy_(0, write, v.reshape(b * c, hkv, d).to(bv.dtype))

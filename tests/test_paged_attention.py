@@ -65,3 +65,20 @@ def test_engine_tokens_same_with_flex_and_gather(model):
 
 def test_flex_step_compiles_as_one_graph(model):
     assert run(model, "flex", compiled=True, seeds=(7, 8, 9)) == run(model, "gather", seeds=(7, 8, 9))
+
+
+def test_context_shorter_than_the_window(model):
+    """max_model_len below the sliding window: sliding and full layers keep the same number of positions, and the
+    fast decode must still tell them apart (it keyed its plan by that number alone, and read a sliding layer as a
+    paged one)."""
+    from dgemma.op_count import build_tiny_model
+
+    tiny = build_tiny_model(layers=6, vocab=512, canvas=16)  # window 1,024 > max_model_len 96
+    out = {}
+    for backend in ("gather", "flex"):
+        eng = Engine(tiny, eos_token_ids=[], config=EngineConfig(max_num_seqs=2, max_model_len=96, block_size=16,
+                                                                 batch_invariant=False, kv_backend=backend))
+        assert eng.cache.kept_size[0] == eng.cache.kept_size[5] == 96 and eng.cache.sliding[0]
+        params = SamplingParams(max_new_tokens=32, seed=1, ignore_eos=True, max_denoising_steps=4)
+        out[backend] = [o.token_ids for o in eng.run([(list(range(3, 40)), params), (list(range(7, 20)), params)])]
+    assert out["gather"] == out["flex"] and all(len(t) == 32 for t in out["gather"])
