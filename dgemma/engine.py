@@ -344,6 +344,8 @@ class Engine:
             self.slots[seq.slot] = seq
             if not self.exact:
                 self._set_row_params(seq)
+            if seq.denoising:  # the whole prompt was cached and nothing needs re-encoding (no sliding layers)
+                self._start_canvas(seq)
             admitted.append(seq)
         return admitted
 

@@ -151,3 +151,24 @@ def test_request_larger_than_the_pool_is_refused(model):
 def test_engine_config_rejects_bad_kv_settings(bad):
     with pytest.raises(ValueError, match="EngineConfig"):
         EngineConfig(**bad)
+
+
+def test_whole_prompt_hit_without_sliding_layers():
+    """A model with full layers only re-encodes nothing on a hit: a prompt cached whole must start its canvas at
+    admission (it was left denoising a stale canvas)."""
+    from helpers import tiny_text_config
+
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+
+    text = tiny_text_config(num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    m = DiffusionGemma(ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": C,
+                                              "text_config": text, "eos_token_id": [95]}))
+    m.init_weights(generator=torch.Generator().manual_seed(0))
+    m.eval()
+    prompt = PREFIX[:8]
+    ref = [run_one(engine(m, True, caching=False), prompt, s) for s in (1, 2)]
+    eng = engine(m, True)
+    assert eng.recompute == 0
+    assert [run_one(eng, prompt, s) for s in (1, 2)] == ref
+    assert eng.stats["prefix_cache_hits"] == 8 and eng.stats["prefill_tokens"] == 8
