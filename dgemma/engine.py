@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import batch_invariant, sampler
+from .block_pool import ROOT_HASH, BlockPool, chain_hash
 from .kv_cache import DecodeSegment, EncodeSegment, KVCache
 from .model import DiffusionGemma
 from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
@@ -59,13 +60,37 @@ class EngineConfig:
     # fast on other devices
     keep_traces: bool = True  # False: "draft" events are emitted but not kept in RequestOutput.trace (servers)
     compile: bool | None = None  # fast mode: torch.compile the step (None: on CUDA only, with CUDA graphs)
+    block_size: int = 64  # positions per KV block of the full-attention layers (docs/kv_cache.md)
+    num_kv_blocks: int | None = None  # blocks in the pool (None: max_num_seqs full-length requests' worth)
+    enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes between requests
+    max_num_batched_tokens: int | None = None  # prompt tokens encoded per step, all requests together (None:
+    # prefill_chunk); canvas commits are not counted: they never wait
+    kv_backend: str | None = None  # fast decode's full layers: "gather" or "flex" (None: flex when the step is
+    # compiled on CUDA, else gather; docs/kv_cache.md)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes"):
+        for name in ("max_num_seqs", "max_model_len", "prefill_chunk", "logits_budget_bytes", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_kv_blocks", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {v!r}")
+        if self.kv_backend not in (None, "gather", "flex"):
+            raise ValueError(f"EngineConfig.kv_backend must be 'gather', 'flex' or None, got {self.kv_backend!r}")
         if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
             raise ValueError(f"EngineConfig.batch_invariant must be a bool or None, got {self.batch_invariant!r}")
+
+    @property
+    def kv_blocks(self) -> int:
+        """Blocks of the full layers' pool."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        return self.max_num_seqs * -(-self.max_model_len // self.block_size)
+
+    @property
+    def prefill_budget(self) -> int:
+        return self.max_num_batched_tokens or self.prefill_chunk
 
 
 class PromptTooLongError(ValueError):
@@ -94,6 +119,11 @@ class Sequence:
     draws_made: int = 0  # fast mode: counter-based draws used so far (the next draw's number)
     images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
     constraint: "Constraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
+    blocks: list[int] = field(default_factory=list)  # the KV blocks of its full layers, in position order
+    reserved: int = 0  # blocks still promised to it (reserved at admission, allocated as it grows)
+    hashes: list[bytes] | None = None  # chain hashes of the prompt's full blocks (prefix caching)
+    registered: int = 0  # leading prompt blocks published in the prefix table
+    order: int = 0  # admission order (the prefill budget goes to the oldest first)
 
     @property
     def denoising(self) -> bool:
@@ -114,7 +144,11 @@ class Engine:
                              f"{text.max_position_embeddings}")
         dev, S, C = model.device, config.max_num_seqs, self.C
         # The scratch tail holds the canvas K/V of the fast decode (read in place, never committed).
-        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C)
+        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C,
+                             block_size=config.block_size, num_blocks=config.kv_blocks)
+        self.pool = BlockPool(config.kv_blocks, config.block_size)
+        # Re-encoded before a cached prefix's end, to rebuild the sliding layers exactly (docs/kv_cache.md).
+        self.recompute = sum(text.is_sliding(i) for i in range(text.num_hidden_layers)) * (text.sliding_window - 1)
         self.tile = min(max(C, 32), 256)  # fixed kernel tile of the batch-invariant mode (see batch_invariant.py)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)  # [slots, C] decoder input
         self.prev_argmax = torch.full((S, C), -1, dtype=torch.long, device=dev)  # [slots, C]
@@ -130,12 +164,17 @@ class Engine:
         self._compiled = None
         self._pack_dtype = torch.float32 if self.V <= 2**24 else torch.float64  # token ids exact in the read-back
         self._compile_failed = False  # automatic compilation (compile=None on CUDA) fell back to eager
+        want = config.compile if config.compile is not None else dev.type == "cuda"
+        # Eager flex attention materialises scores over the whole pool: flex only where the step is compiled.
+        self.kv_backend = config.kv_backend or ("flex" if want and dev.type == "cuda" else "gather")
         self._pinned: dict[torch.Size, torch.Tensor] = {}  # read-back buffers of the fast step (CUDA)
         self.slots: list[Sequence | None] = [None] * S
         self.waiting: deque[Sequence] = deque()
         self._ids = itertools.count()
         self._seed_rng = random.SystemRandom()
-        self.stats = {"decoder_forwards": 0, "forwards": 0, "tokens": 0, "canvases": 0, "canvas_steps": 0}
+        self._order = itertools.count()
+        self.stats = {"decoder_forwards": 0, "forwards": 0, "tokens": 0, "canvases": 0, "canvas_steps": 0,
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefill_tokens": 0, "preemptions": 0}
 
     @property
     def exact(self) -> bool:
@@ -164,6 +203,10 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(rid, prompt, params, settings, gen, seed, seed_keys(seed), max_new, stop_ids)
+        need = self._blocks_needed(seq)
+        if need > self.pool.num_blocks:
+            raise PromptTooLongError(f"prompt of {len(prompt)} tokens with max_new_tokens {max_new} needs {need} KV "
+                                     f"blocks of {self.pool.block_size}; the pool has {self.pool.num_blocks}")
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
         if params.constraint_grammar is not None:  # [constrained]
@@ -209,21 +252,27 @@ class Engine:
         running = [s for s in self.slots if s is not None]
         if not running:
             return events
-        enc = [s for s in running if not s.denoising]
+        enc, chunks = self._schedule_encode([s for s in running if not s.denoising])
         dec = [s for s in running if s.denoising]
         segments = []
+        enc_segs = []
         if enc:
-            chunks = [s.pending_commit if s.pending_commit is not None  # [vision] chunk_end: never cut an image
-                      else s.prompt[s.prefilled:vision_prompt.chunk_end(s.images, s.prefilled, self.cfg.prefill_chunk,
-                                                                        len(s.prompt))] for s in enc]
-            ids = torch.full((len(enc), max(map(len, chunks))), self.pad_id, dtype=torch.long)
-            for i, c in enumerate(chunks):
-                ids[i, :len(c)] = torch.tensor(c)
-            enc_seg = EncodeSegment(self.cache, ids.to(self.model.device), [s.slot for s in enc],
-                                    [len(c) for c in chunks])
-            vision_prompt.attach(enc_seg, self.model, [(s.images if s.pending_commit is None else None, s.prefilled)
-                                                       for s in enc])  # [vision]
-            segments.append(enc_seg)
+            for s, c in zip(enc, chunks):  # blocks for the new positions, out of the request's reservation
+                self._grow(s, self.cache.host_lengths[s.slot] + len(c))
+            # Commits (all one canvas wide) share a segment; each prompt chunk has its own, so no row is padded to
+            # another's width: a forward holds at most the prefill budget plus one canvas per slot.
+            groups = [[i for i, s in enumerate(enc) if s.pending_commit is not None]]
+            groups += [[i] for i, s in enumerate(enc) if s.pending_commit is None]
+            for group in filter(None, groups):
+                ids = torch.full((len(group), max(len(chunks[i]) for i in group)), self.pad_id, dtype=torch.long)
+                for r, i in enumerate(group):
+                    ids[r, :len(chunks[i])] = torch.tensor(chunks[i])
+                seg = EncodeSegment(self.cache, ids.to(self.model.device), [enc[i].slot for i in group],
+                                    [len(chunks[i]) for i in group])
+                vision_prompt.attach(seg, self.model, [(enc[i].images if enc[i].pending_commit is None else None,
+                                                        enc[i].prefilled) for i in group])  # [vision]
+                enc_segs.append(seg)
+            segments += enc_segs
         if dec and not self.exact:
             fast = [s for s in dec if s.constraint is None]  # [constrained] rows take the per-row path below
             if fast:
@@ -244,12 +293,15 @@ class Engine:
             hidden = self.model(segments)
             self.stats["forwards"] += 1
         if enc:
-            enc_seg.finish()
+            for seg in enc_segs:
+                seg.finish()
             for s, c in zip(enc, chunks):
                 if s.pending_commit is not None:
                     s.pending_commit = None
                 else:
                     s.prefilled += len(c)
+                    self.stats["prefill_tokens"] += len(c)
+                    self._register(s)
                 if s.denoising:
                     self._start_canvas(s)
         if dec:
@@ -258,16 +310,103 @@ class Engine:
         return events
 
     def _admit(self) -> list[Sequence]:
+        """Admit waiting requests, oldest first, while a slot is free and the pool can promise every block the
+        request can ever need (its prompt and all but the last of its canvases, less the prefix-cache hits): a
+        running request then never fails to grow, and nothing is preempted. The head of the queue waits for blocks
+        rather than be overtaken (no starvation)."""
         admitted = []
         while self.waiting and None in self.slots:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            hits = []
+            caching = self.cfg.enable_prefix_caching and seq.images is None  # [vision] images are never cached
+            if caching:
+                if seq.hashes is None:
+                    seq.hashes = self._prompt_hashes(seq.prompt)
+                hits = self.pool.match_prefix(seq.hashes)
+            need = self._blocks_needed(seq) - len(hits)
+            if need > self.pool.num_available:
+                self.pool.release(hits)
+                break
+            self.pool.reserve(need)
+            self.waiting.popleft()
             seq.slot = self.slots.index(None)
+            seq.order = next(self._order)
+            seq.blocks, seq.reserved, seq.registered = hits, need, len(hits)
+            cached = len(hits) * self.pool.block_size
+            # A cached prefix is skipped but for its last `recompute` tokens, which rebuild the sliding layers; the
+            # full layers keep reading (never rewriting) the shared blocks (kv_cache.EncodeSegment._shared).
+            seq.prefilled = max(0, cached - self.recompute) if hits else 0
             self.cache.reset(seq.slot)
+            self.cache.set_blocks(seq.slot, hits)
+            self.cache.protected[seq.slot] = cached
+            if seq.prefilled:
+                self.cache.set_lengths([seq.slot], [seq.prefilled])
+            if caching:
+                self.stats["prefix_cache_queries"] += len(seq.prompt)
+                self.stats["prefix_cache_hits"] += cached
             self.slots[seq.slot] = seq
             if not self.exact:
                 self._set_row_params(seq)
+            if seq.denoising:  # the whole prompt was cached and nothing needs re-encoding (no sliding layers)
+                self._start_canvas(seq)
             admitted.append(seq)
         return admitted
+
+    def _blocks_needed(self, seq: Sequence) -> int:
+        return self.blocks_needed(len(seq.prompt), seq.max_new_tokens)
+
+    def blocks_needed(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV blocks a request can ever hold: its prompt and every canvas it may commit (all but the last, which
+        ends the request and is never encoded). Admission reserves this many."""
+        canvases = -(-max_new_tokens // self.C)
+        tokens = prompt_len + (canvases - 1) * self.C
+        return -(-tokens // self.pool.block_size)
+
+    def _prompt_hashes(self, prompt: list[int]) -> list[bytes]:
+        bs, h, out = self.pool.block_size, ROOT_HASH, []
+        for i in range(0, len(prompt) - bs + 1, bs):
+            h = chain_hash(h, prompt[i:i + bs])
+            out.append(h)
+        return out
+
+    def _grow(self, seq: Sequence, length: int) -> None:
+        """Give a request the blocks that `length` positions need, from its reservation."""
+        more = -(-length // self.pool.block_size) - len(seq.blocks)
+        if more > 0:
+            seq.blocks += self.pool.allocate(more)
+            seq.reserved -= more
+            self.cache.set_blocks(seq.slot, seq.blocks)
+
+    def _register(self, seq: Sequence) -> None:
+        """Publish the prompt blocks the prefill has filled (their K/V is written) in the prefix table."""
+        if seq.hashes is None:
+            return
+        full = min(seq.prefilled, len(seq.prompt)) // self.pool.block_size
+        for i in range(seq.registered, min(full, len(seq.hashes))):
+            self.pool.register(seq.blocks[i], seq.hashes[i])
+        seq.registered = max(seq.registered, full)
+
+    def _schedule_encode(self, rows: list[Sequence]) -> tuple[list[Sequence], list[list[int]]]:
+        """The encode rows of this step and their tokens: every pending canvas commit, and prompt chunks within
+        the step's prefill budget (`max_num_batched_tokens`), oldest request first; a request left out this step
+        keeps its place. Denoising rows are never held back by a long prompt."""
+        budget = self.cfg.prefill_budget
+        enc, chunks = [], []
+        for s in sorted(rows, key=lambda s: s.order):
+            if s.pending_commit is not None:
+                enc.append(s)
+                chunks.append(s.pending_commit)
+                continue
+            n = min(self.cfg.prefill_chunk, budget)
+            if n < 1:
+                continue
+            end = vision_prompt.chunk_end(s.images, s.prefilled, n, len(s.prompt))  # [vision] never cut an image
+            if end <= s.prefilled:
+                continue
+            enc.append(s)
+            chunks.append(s.prompt[s.prefilled:end])
+            budget -= end - s.prefilled
+        return enc, chunks
 
     def _set_row_params(self, seq: Sequence) -> None:
         """Write a request's sampler parameters and seed into its slot's rows (once per request, not per step)."""
@@ -374,6 +513,8 @@ class Engine:
                     raise
                 log.warning("torch.compile of the fast step failed (%s); running it eagerly", str(e).split("\n")[0])
                 self._compile_failed = True
+                if self.cfg.kv_backend is None:
+                    self.kv_backend = "gather"
                 out = self._fast_step(*args)
         else:
             out = self._fast_step(*args)
@@ -413,7 +554,7 @@ class Engine:
         if self._compiled is None:
             cuda = self.model.device.type == "cuda"
             for t in [self.canvas, self.prev_argmax, self.stable_run, self.steps_left, self.sc, self.denoising,
-                      self.draw_keys, self.cache.dev_lengths, *self.cache.k, *self.cache.v,
+                      self.draw_keys, self.cache.dev_lengths, self.cache.block_table, *self.cache.buffers(),
                       *[v for v in vars(self.row_params).values() if isinstance(v, torch.Tensor)]]:
                 torch._dynamo.mark_static_address(t)
             self._compiled = torch.compile(self._fast_step, fullgraph=True, dynamic=False,
@@ -431,7 +572,7 @@ class Engine:
         C, V = self.C, self.V
         model = self.model
         seg = CanvasSegment(self.cache, self.canvas[:b], self.cache.dev_lengths[:b], self.sc[:b], dict(key_lens),
-                            model.dtype)
+                            model.dtype, self.kv_backend)
         with batch_invariant.mode(False):
             hidden = model([seg])[0]  # [b, C, H]
         p = self.row_params
@@ -523,6 +664,9 @@ class Engine:
         if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
             self.slots[s.slot] = None
             self.cache.reset(s.slot)
+            self.pool.release(s.blocks)  # cached prompt blocks stay matchable (LRU) until the pool needs them
+            self.pool.unreserve(s.reserved)
+            s.blocks, s.reserved = [], 0
             if not self.exact:
                 self.denoising[s.slot] = False
         return StreamEvent(s.id, "finished", text_delta=tail, output=s.out)

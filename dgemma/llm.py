@@ -40,7 +40,9 @@ class LLM:
                  device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  canvas_length: int | None = None, max_denoising_steps: int | None = None,
                  logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
-                 compile: bool | None = None, quantization: str | None = None, language_model_only: bool = False):
+                 compile: bool | None = None, quantization: str | None = None, block_size: int = 64,
+                 num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int | None = None, language_model_only: bool = False):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
         ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization,
                              language_model_only=language_model_only)
@@ -65,7 +67,10 @@ class LLM:
                              defaults=self.generation, tokenizer=self.tokenizer,
                              config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
                                                  logits_budget_bytes=logits_budget_bytes,
-                                                 batch_invariant=batch_invariant, compile=compile))
+                                                 batch_invariant=batch_invariant, compile=compile,
+                                                 block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                                 enable_prefix_caching=enable_prefix_caching,
+                                                 max_num_batched_tokens=max_num_batched_tokens))
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

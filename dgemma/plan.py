@@ -8,9 +8,10 @@
 MODEL_OR_CONFIG is a config.json, a checkpoint folder, a Hub id whose config.json is in the local Hugging Face
 cache (never downloaded), or the name of a config shipped in `dgemma/assets/configs/` (the released
 `google/diffusiongemma-26B-A4B-it`). The plan is `dgemma.server.memory.plan`, the one `dgemma serve` checks at
-start-up: the component table, whether `--max-num-seqs` slots fit, how many full-length requests fit, and how many
-8k-token requests fit. `--language-model-only` plans the text model alone (as `serve --language-model-only` loads
-it: no vision tower). Exit status: 0 if the configuration fits, 1 if not, 2 for bad input.
+start-up: the component table, the paged KV pool (its blocks and what they hold), how many full-length and how many
+8k-token requests fit at once, and the largest `--max-num-seqs` that starts. `--language-model-only` plans the
+text model alone (as `serve --language-model-only` loads it: no vision tower). Exit status: 0 if the configuration
+fits, 1 if not, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class PlanRequest:
     max_waiting: int = 64
     quantization: str | None = None  # "fp8": FP8 weights (docs/fp8.md); an FP8 config is planned as FP8 anyway
     language_model_only: bool = False  # the text model alone: the vision tower is neither loaded nor planned
+    block_size: int = 64
+    num_kv_blocks: int | None = None  # None: the pool takes the memory left (at most max_num_seqs full lengths)
+    max_num_batched_tokens: int | None = None
 
 
 def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
@@ -111,23 +115,25 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         return memory.plan(cfg, req.dtype, device="cuda", max_num_seqs=s, max_model_len=max_len,
                            max_waiting=req.max_waiting, prefill_chunk=req.prefill_chunk,
                            batch_invariant=req.batch_invariant, cuda_graphs=graphs, params=params,
-                           available=available, extra=extra, weight_bytes=weights)
+                           available=available, extra=extra, weight_bytes=weights, block_size=req.block_size,
+                           num_kv_blocks=req.num_kv_blocks, max_num_batched_tokens=req.max_num_batched_tokens)
 
     p = make(req.max_num_seqs)
-    full_fit = memory.largest_fitting(make, _FIT_LIMIT)
     short_len = min(SHORT_REQUEST, req.max_model_len)
-    short_restart = memory.largest_fitting(lambda s: make(s, short_len), _FIT_LIMIT)
     notes = dict(p.notes)
+    pool_bytes = dict(p.parts)["KV pool (full layers)"]
     return {
         "model": target.where,
         "dtype": str(req.dtype).removeprefix("torch."),
         "mode": p.mode,
         "cuda_graphs": graphs,
         "language_model_only": req.language_model_only,
+        "kv_backend": "flex" if graphs else "gather",
         "canvas_length": cfg.canvas_length,
         "max_model_len": req.max_model_len,
         "max_num_seqs": req.max_num_seqs,
         "prefill_chunk": req.prefill_chunk,
+        "max_num_batched_tokens": req.max_num_batched_tokens or req.prefill_chunk,
         "gpu_memory_gib": req.gpu_memory_gib,
         "usable_bytes": p.usable,
         "headroom": HEADROOM,
@@ -136,37 +142,19 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         "total_gib": round(p.total / GiB, 3),
         "fits": p.fits,
         "kv_cache_bytes_per_slot": p.kv_bytes_per_slot,
-        "full_length_requests_fit": full_fit,
+        "kv_pool": {"block_size": p.block_size, "num_blocks": p.num_kv_blocks, "bytes": pool_bytes,
+                    "blocks_per_full_length_request": p.blocks_per_request,
+                    "sized": "from the memory left" if req.num_kv_blocks is None else "--num-kv-blocks"},
+        "full_length_requests_fit": p.requests_fit(),
         "requests_8k": {
             "tokens": short_len,  # 8192, or --max-model-len if smaller
-            "today": full_fit,
-            "why": f"the KV cache is preallocated per slot: a slot costs --max-model-len {req.max_model_len} "
-                   f"positions in the full layers whatever its request holds, so {short_len}-token requests fit "
-                   "no better than full-length ones",
-            "if_served_with_max_model_len": {"max_model_len": short_len, "fit": short_restart},
-            "paged_estimate": paged_estimate(cfg, req, make, short_len),
+            "fit": p.requests_fit(short_len),
+            "in_pool": p.num_kv_blocks // -(-short_len // p.block_size),
+            "why": f"the paged pool holds {p.num_kv_blocks} blocks of {p.block_size}; a {short_len}-token request "
+                   f"reserves {-(-short_len // p.block_size)} of them (its prompt and canvases), a full-length one "
+                   f"{p.blocks_per_request}; at most --max-num-seqs {req.max_num_seqs} run at once",
         },
-    }
-
-
-def paged_estimate(cfg: ModelConfig, req: PlanRequest, make, short_len: int) -> dict:
-    """ESTIMATE for a paged cache (issue 13's, not built): beside one full-length request, how many short requests
-    the remaining memory would hold if each cost only the KV it fills (full layers: its tokens; sliding layers: the
-    window; the canvas scratch) plus its row of the decode step, with prefill bounded by a per-step token budget of
-    one chunk (so the prefill workspace stays the one full-length request's). Block rounding is ignored."""
-    one = make(1)
-    t, C = cfg.text, cfg.canvas_length
-    elem = torch.empty((), dtype=req.dtype).element_size()
-    full, sliding = memory.kv_bytes_per_position(t, elem)
-    kv = full * (short_len + C) + sliding * (min(short_len, t.sliding_window - 1) + C)
-    row = kv + memory._activation_bytes(t, C) + memory.decode_workspace(t, 1, short_len, C, elem)
-    spare = max(0, one.usable - one.total) if one.fits else 0
-    return {
-        "label": "ESTIMATE for a paged KV cache, which dgemma does not have yet (issue 13): not what `serve` admits",
-        "beside_one_full_length_request": spare // row if one.fits else 0,
-        "kv_bytes_per_request": kv,
-        "bytes_per_request": row,
-        "spare_bytes": spare,
+        "max_num_seqs_fit": memory.largest_fitting(make, _FIT_LIMIT),
     }
 
 
@@ -175,18 +163,20 @@ def render(plan: dict) -> str:
              f"{', CUDA graphs' if plan['cuda_graphs'] else ''}"
              f"{', text model only' if plan['language_model_only'] else ''}, canvas {plan['canvas_length']}, "
              f"--max-model-len {plan['max_model_len']}, --max-num-seqs {plan['max_num_seqs']})"]
-    lines += [f"  {c['name']:<40} {c['gib']:10.3f} GiB" for c in plan["components"]]
-    lines.append(f"  {'total':<40} {plan['total_gib']:10.3f} GiB")
-    lines.append(f"  {'usable (x%.2f of %g GiB)' % (plan['headroom'], plan['gpu_memory_gib']):<40} "
+    lines += [f"  {c['name']:<44} {c['gib']:10.3f} GiB" for c in plan["components"]]
+    lines.append(f"  {'total':<44} {plan['total_gib']:10.3f} GiB")
+    lines.append(f"  {'usable (x%.2f of %g GiB)' % (plan['headroom'], plan['gpu_memory_gib']):<44} "
                  f"{plan['usable_bytes'] / GiB:10.3f} GiB")
+    pool = plan["kv_pool"]
     lines.append(f"fits: {'yes' if plan['fits'] else 'NO'}")
-    lines.append(f"full-length ({plan['max_model_len']}-token) requests that fit: {plan['full_length_requests_fit']}")
+    lines.append(f"KV pool: {pool['num_blocks']:,} blocks of {pool['block_size']} positions ({pool['sized']}); "
+                 f"a full-length request takes {pool['blocks_per_full_length_request']:,}")
+    lines.append(f"full-length ({plan['max_model_len']}-token) requests that fit at once: "
+                 f"{plan['full_length_requests_fit']}")
     short = plan["requests_8k"]
-    restart, pe = short["if_served_with_max_model_len"], short["paged_estimate"]
-    lines.append(f"{short['tokens']}-token requests that fit today: {short['today']} ({short['why']}); "
-                 f"{restart['fit']} if served with --max-model-len {restart['max_model_len']}")
-    lines.append(f"  {pe['label']}: {pe['beside_one_full_length_request']} beside one full-length request "
-                 f"({pe['bytes_per_request'] / GiB:.3f} GiB each)")
+    lines.append(f"{short['tokens']}-token requests that fit at once: {short['fit']} (the pool holds "
+                 f"{short['in_pool']}; --max-num-seqs {plan['max_num_seqs']})")
+    lines.append(f"largest --max-num-seqs that starts: {plan['max_num_seqs_fit']}")
     return "\n".join(lines)
 
 
@@ -209,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan FP8 weights (as `serve --quantization fp8` loads them)")
     p.add_argument("--language-model-only", action="store_true",
                    help="plan the text model alone: no vision tower (as `serve --language-model-only` loads it)")
+    p.add_argument("--block-size", type=int, default=64, help="positions per KV block (full layers)")
+    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=int, default=None,
+                   help="blocks in the KV pool (default: what the memory left holds)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="prompt tokens per step (default: "
+                   "--prefill-chunk)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -218,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        for name in ("max_model_len", "max_num_seqs", "prefill_chunk"):
-            if getattr(args, name) < 1:
+        for name in ("max_model_len", "max_num_seqs", "prefill_chunk", "block_size", "num_kv_blocks",
+                     "max_num_batched_tokens"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.canvas_length is not None and args.canvas_length < 1:
             raise ValueError(f"--canvas-length must be positive, got {args.canvas_length}")
@@ -230,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--dtype auto needs weights: pass bfloat16, float16 or float32")
         req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
                           args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting,
-                          args.quantization, args.language_model_only)
+                          args.quantization, args.language_model_only, args.block_size, args.num_kv_blocks,
+                          args.max_num_batched_tokens)
         plan = make_plan(find_config(args.model), req)
     except (ConfigError, ValueError) as e:
         print(f"dgemma plan: error: {e}", file=sys.stderr)

@@ -47,8 +47,23 @@ def invariant(request):
     return request.param
 
 
+# KV layouts every case runs under: small blocks with the prefix cache on and a tight prefill budget (prompts arrive
+# in chunks while batch mates denoise), and one block per 64 positions with the prefix cache off.
+KV_LAYOUTS = {"blocks4-prefix-budget5": dict(block_size=4, enable_prefix_caching=True, max_num_batched_tokens=5,
+                                             prefill_chunk=4),
+              "blocks64-no-prefix": dict(block_size=64, enable_prefix_caching=False)}
+_kv = {}
+
+
+@pytest.fixture(autouse=True, params=list(KV_LAYOUTS))
+def kv_layout(request):
+    _kv.clear()
+    _kv.update(KV_LAYOUTS[request.param])
+    return request.param
+
+
 def run_dgemma(model, prompts, seeds, canvases, eos, invariant=True):
-    config = EngineConfig(max_num_seqs=4, max_model_len=256, batch_invariant=invariant)
+    config = EngineConfig(max_num_seqs=4, max_model_len=256, batch_invariant=invariant, **_kv)
     engine = Engine(model, eos_token_ids=[eos], config=config)
     params = [SamplingParams(max_new_tokens=canvases * C, seed=s, entropy_bound=0.1, **KNOBS) for s in seeds]
     return engine.run(list(zip(prompts, params)))

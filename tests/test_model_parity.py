@@ -66,9 +66,9 @@ def test_prefill_and_commit_kv_match(pair):
         for layer in range(model.text.num_hidden_layers):
             rk, rv = hf_kv(ref, layer)
             n = rk.shape[0]
-            assert kv.k[layer].shape[1] >= n
-            assert rel_err(kv.k[layer][2, :n], rk) <= 1e-5, (step, layer)
-            assert rel_err(kv.v[layer][2, :n], rv) <= 1e-5, (step, layer)
+            assert kv.slot_kv(layer, 2)[0].shape[0] >= n
+            assert rel_err(kv.slot_kv(layer, 2)[0][:n], rk) <= 1e-5, (step, layer)
+            assert rel_err(kv.slot_kv(layer, 2)[1][:n], rv) <= 1e-5, (step, layer)
     assert int(kv.lengths[2]) == PROMPT_LEN + c
 
 

@@ -53,10 +53,14 @@ def hand_count_26b() -> int:
     return total
 
 
-def hand_kv_per_slot(max_len: int, canvas: int) -> int:
-    full = 5 * 2 * (max_len + canvas) * 2 * 512 * 2  # 5 full layers, K and V, 2 heads x 512, bf16
-    sliding = 25 * 2 * (1023 + canvas) * 8 * 256 * 2  # 25 sliding layers keep window - 1 = 1023 positions
-    return full + sliding
+FULL_POSITION = 5 * 2 * 2 * 512 * 2  # one position in the 5 full layers: K and V, 2 heads x 512, bf16
+
+
+def hand_kv_per_slot(canvas: int) -> int:
+    """A slot's own KV: the sliding rings (window - 1 = 1023 positions) with their canvas head, in 25 layers, and
+    the full layers' canvas scratch blocks (of 64 positions)."""
+    sliding = 25 * 2 * (1023 + canvas) * 8 * 256 * 2
+    return sliding + -(-canvas // 64) * 64 * FULL_POSITION
 
 
 def test_released_plan_fits_80gib_at_262k_by_hand_count(released, released_params):
@@ -66,26 +70,37 @@ def test_released_plan_fits_80gib_at_262k_by_hand_count(released, released_param
                     extra=memory.vision_parts_from_config(released, torch.bfloat16))
     parts = dict(p.parts)
     assert parts["weights"] == 2 * hand_count_26b()
-    assert parts["KV cache"] == hand_kv_per_slot(262_144, 256) == p.kv_bytes_per_slot == 5_635_891_200
-    # Fixed cost by hand: weights + one slot + the vision tower's weights; what is left for every temporary.
-    fixed = 2 * hand_count_26b() + hand_kv_per_slot(262_144, 256) + parts["vision tower weights"]
+    assert parts["KV per slot (sliding rings, canvas scratch)"] == hand_kv_per_slot(256) == p.kv_bytes_per_slot
+    # The pool: one full-length request's 4,096 blocks of 64 positions (and, for the flex block mask, 8 bytes per
+    # block and decode row).
+    assert p.num_kv_blocks == 4096 and parts["KV pool (full layers)"] == 4096 * (64 * FULL_POSITION + 8)
+    # Fixed cost by hand: weights + one slot + the pool + the vision tower's weights; the rest is temporaries.
+    fixed = 2 * hand_count_26b() + hand_kv_per_slot(256) + 4096 * 64 * FULL_POSITION + parts["vision tower weights"]
     assert fixed < p.total <= 0.9 * 80 * GiB
     # The old plan counted 3 x fp32 x 16 heads x 2048 x 262k attention scores (96 GiB): nothing like it remains.
     assert parts["attention workspace"] < 16 * GiB
-    assert p.fits
+    assert p.fits and p.requests_fit() == 1
+    # Slots are cheap: 8 of them (the default) start, the pool taking the memory left (one full-length request
+    # and then some); two full-length requests' pool does not fit.
+    eight = memory.plan(released, torch.bfloat16, device="cuda", max_num_seqs=8, max_model_len=262_144,
+                        batch_invariant=False, cuda_graphs=True, params=released_params, available=80 * GiB,
+                        extra=memory.vision_parts_from_config(released, torch.bfloat16))
+    assert eight.fits and eight.requests_fit() == 1 and eight.num_kv_blocks > 4096
+    assert eight.requests_fit(8192) == 8 and eight.num_kv_blocks // 128 > 8
     two = memory.plan(released, torch.bfloat16, device="cuda", max_num_seqs=2, max_model_len=262_144,
-                      batch_invariant=False, cuda_graphs=True, params=released_params, available=80 * GiB)
+                      batch_invariant=False, cuda_graphs=True, params=released_params, available=80 * GiB,
+                      num_kv_blocks=2 * 4096, extra=memory.vision_parts_from_config(released, torch.bfloat16))
     assert not two.fits
 
 
 def test_attention_workspace_is_linear_in_context(released):
-    """No quadratic term: at a fixed prefill chunk the workspace is affine in the context length."""
+    """No quadratic term: at a fixed prefill chunk the workspace grows linearly with the context length (to the
+    rounding of the query pieces), and, one row attending at a time in both modes, not with the rows."""
     t = released.text
-    for bi in (False, True):
-        w = [memory.encode_workspace(t, 2, 2048, n, 2, bi) for n in (65_536, 131_072, 262_144)]
-        assert 0 < w[1] - w[0] and w[2] - w[1] == 2 * (w[1] - w[0])
-    assert memory.encode_workspace(t, 4, 2048, 262_144, 2, True) < memory.encode_workspace(t, 4, 2048, 262_144, 2,
-                                                                                          False)
+    w = [memory.encode_workspace(t, 2, 2048, n, 2, False) for n in (65_536, 131_072, 262_144)]
+    assert 0 < w[1] - w[0] and abs((w[2] - w[1]) / (w[1] - w[0]) - 2) < 0.01
+    assert memory.encode_workspace(t, 8, 2048, 262_144, 2, False) == memory.encode_workspace(t, 1, 2048, 262_144, 2,
+                                                                                             True)
 
 
 def test_plan_cli_json_for_the_released_config(capsys):
@@ -97,7 +112,8 @@ def test_plan_cli_json_for_the_released_config(capsys):
     assert (out["mode"], out["dtype"], out["cuda_graphs"], out["canvas_length"]) == ("fast", "bfloat16", True, 256)
     assert sum(c["bytes"] for c in out["components"]) == out["total_bytes"] <= out["usable_bytes"]
     names = [c["name"] for c in out["components"]]
-    for want in ("weights", "KV cache", "attention workspace", "activations of one forward",
+    for want in ("weights", "KV pool (full layers)", "KV per slot (sliding rings, canvas scratch)",
+                 "attention workspace", "activations of one forward",
                  "CUDA-graph pool (estimate)", "vision tower weights"):
         assert want in names
     assert all(c["how"] for c in out["components"])
@@ -105,12 +121,10 @@ def test_plan_cli_json_for_the_released_config(capsys):
     assert out["full_length_requests_fit"] == 1
     short = out["requests_8k"]
     assert short["tokens"] == 8192
-    assert short["today"] == out["full_length_requests_fit"] and "preallocated" in short["why"]
-    assert short["if_served_with_max_model_len"]["max_model_len"] == 8192
-    assert short["if_served_with_max_model_len"]["fit"] > short["today"]
-    est = short["paged_estimate"]
-    assert est["label"].startswith("ESTIMATE") and est["beside_one_full_length_request"] >= 1
-    assert est["beside_one_full_length_request"] * est["bytes_per_request"] <= est["spare_bytes"]
+    pool = out["kv_pool"]
+    assert (pool["block_size"], pool["num_blocks"], pool["blocks_per_full_length_request"]) == (64, 4096, 4096)
+    assert short["in_pool"] == 4096 // 128 and short["fit"] == 1  # --max-num-seqs 1
+    assert out["max_num_seqs_fit"] >= 8 and out["kv_backend"] == "flex"
 
 
 def test_plan_cli_refuses_and_explains(ckpt, tmp_path, capsys):
@@ -123,8 +137,8 @@ def test_plan_cli_refuses_and_explains(ckpt, tmp_path, capsys):
     assert dgemma_main(["plan", str(ckpt / "config.json"), "--max-model-len", "512", "--gpu-memory-gib", "1",
                         "--json"]) == 0
     file = json.loads(capsys.readouterr().out)
-    assert dict((c["name"], c["bytes"]) for c in folder["components"])["KV cache"] == \
-        dict((c["name"], c["bytes"]) for c in file["components"])["KV cache"]
+    assert dict((c["name"], c["bytes"]) for c in folder["components"])["KV pool (full layers)"] == \
+        dict((c["name"], c["bytes"]) for c in file["components"])["KV pool (full layers)"]
     # Bad input: exit 2 with a message.
     for argv, msg in ((["acme/not-cached"], "not in the local Hugging Face cache"),
                       ([str(tmp_path)], "no config.json"),
@@ -156,7 +170,11 @@ def test_plan_kv_term_is_what_the_engine_allocates(ckpt):
     llm = LLM(ckpt, max_num_seqs=3, max_model_len=300)
     cfg = ModelConfig.from_file(ckpt / "config.json")
     p = memory.plan(cfg, torch.float32, max_num_seqs=3, max_model_len=300, available=None)
-    assert dict(p.parts)["KV cache"] == llm.engine.cache.nbytes() == 3 * p.kv_bytes_per_slot
+    parts = dict(p.parts)
+    assert parts["KV pool (full layers)"] + parts["KV per slot (sliding rings, canvas scratch)"] == \
+        llm.engine.cache.nbytes()
+    assert parts["KV per slot (sliding rings, canvas scratch)"] == 3 * p.kv_bytes_per_slot
+    assert p.num_kv_blocks == llm.engine.pool.num_blocks == 3 * -(-300 // 64)
     # kv_usage: nothing held at rest; a finished request frees its slot again.
     assert memory.kv_usage(llm.engine.cache) == (0, llm.engine.cache.nbytes())
 
@@ -171,7 +189,7 @@ def test_serve_refuses_with_the_numbers_before_loading(ckpt, monkeypatch, capsys
     assert serve_cli.main(["serve", str(ckpt), "--max-num-seqs", "2", "--max-model-len", "1024"]) == 2
     err = capsys.readouterr().err
     assert "not enough memory for --max-num-seqs 2 --max-model-len 1024" in err
-    assert "GiB usable" in err and "KV cache" in err and "attention workspace" in err and "weights" in err
+    assert "GiB usable" in err and "KV pool" in err and "attention workspace" in err and "weights" in err
     assert "exact mode" in err  # the CPU's engine mode
     assert "would fit" in err or "does not fit" in err
     assert loads == []  # refused before any weight was read
@@ -244,4 +262,51 @@ def test_plan_cli_counts_fp8_weights(capsys):
     assert f8["weights"] == fp8.weight_bytes(cfg, torch.bfloat16, fp8.Fp8Scheme())
     assert 0.45 < f8["weights"] / bf16["weights"] < 0.55
     assert {k: v for k, v in f8.items() if k != "weights"} == {k: v for k, v in bf16.items() if k != "weights"}
-    assert plans[1]["full_length_requests_fit"] > plans[0]["full_length_requests_fit"]
+    assert plans[1]["max_num_seqs_fit"] > plans[0]["max_num_seqs_fit"]
+
+
+def test_metrics_report_kv_blocks_and_prefix_cache(ckpt):
+    """Two requests with the same 150-token prompt: the second finds the two full 64-token blocks cached; /metrics
+    shows the hits, the blocks (all free or cached once both are done) and no preemption."""
+    import httpx
+
+    from dgemma.server import ServerConfig
+    from dgemma.server import cli as serve_cli
+    from dgemma.server.metrics import parse_text
+
+    llm, app = serve_cli.build(ServerConfig(model=str(ckpt), max_num_seqs=2, max_model_len=256))
+    prompt = [(7 * i) % 200 + 5 for i in range(150)]
+    with serve_cli.BackgroundServer(app) as srv:
+        for seed in (1, 2):
+            r = httpx.post(srv.url + "/v1/completions", json={"model": str(ckpt), "prompt": prompt, "max_tokens": 16,
+                                                              "seed": seed}, timeout=60)
+            assert r.status_code == 200, r.text
+        values = parse_text(httpx.get(srv.url + "/metrics").text)
+    assert values["dgemma_prefix_cache_queries_total"] == 300
+    assert values["dgemma_prefix_cache_hits_total"] == 128
+    assert values["dgemma_prefill_tokens_total"] == 150 + 150 - (128 - 7)  # one sliding layer of window 8
+    assert values["dgemma_preemptions_total"] == 0
+    blocks = {s: values[f'dgemma_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free", "reserved")}
+    assert blocks["used"] == blocks["reserved"] == 0 and blocks["cached"] == 2
+    assert blocks["cached"] + blocks["free"] == llm.engine.pool.num_blocks
+
+
+def test_server_refuses_a_request_larger_than_the_kv_pool(ckpt):
+    """A pool of 2 blocks of 64 (--num-kv-blocks 2, memory check off): a request that could need 3 gets a 400 that
+    says why, before it queues; one that fits is served."""
+    import httpx
+
+    from dgemma.server import ServerConfig
+    from dgemma.server import cli as serve_cli
+
+    llm, app = serve_cli.build(ServerConfig(model=str(ckpt), max_num_seqs=2, max_model_len=256, num_kv_blocks=2,
+                                            check_memory=False))
+    assert llm.engine.pool.num_blocks == 2
+    with serve_cli.BackgroundServer(app) as srv:
+        big = httpx.post(srv.url + "/v1/completions", json={"model": str(ckpt), "prompt": list(range(5, 155)),
+                                                            "max_tokens": 16}, timeout=60)
+        small = httpx.post(srv.url + "/v1/completions", json={"model": str(ckpt), "prompt": list(range(5, 15)),
+                                                              "max_tokens": 16, "seed": 0}, timeout=60)
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
+    assert "needs 3 KV blocks" in big.json()["error"]["message"]
+    assert small.status_code == 200

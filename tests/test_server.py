@@ -273,7 +273,7 @@ def test_cli_flags_underscores_and_diffusion_config():
 def test_memory_plan_refuses_at_start_up(ckpt, capsys):
     assert cli.main(["serve", str(ckpt), "--max-num-seqs", "100000", "--max-model-len", "2048"]) == 2
     err = capsys.readouterr().err
-    assert "not enough memory" in err and "KV cache" in err and "would fit" in err
+    assert "not enough memory" in err and "KV pool" in err and "would fit" in err
 
 
 def test_memory_plan_kv_is_exact(ckpt):
@@ -284,7 +284,8 @@ def test_memory_plan_kv_is_exact(ckpt):
 
     cfg = ModelConfig.from_file(ckpt / "config.json")
     p = memory.plan(cfg, torch.float32, max_num_seqs=3, max_model_len=100, available=None)
-    assert dict(p.parts)["KV cache"] == KVCache(cfg.text, 3, 100, scratch=cfg.canvas_length).nbytes()  # as the engine
+    kv = dict(p.parts)["KV pool (full layers)"] + dict(p.parts)["KV per slot (sliding rings, canvas scratch)"]
+    assert kv == KVCache(cfg.text, 3, 100, scratch=cfg.canvas_length).nbytes()  # as the engine allocates
     assert p.fits and p.total > dict(p.parts)["weights"] > 0
 
 

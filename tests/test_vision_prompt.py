@@ -94,8 +94,8 @@ def test_two_image_prompt_encoder_kv_matches(pair):
     for layer in range(model.text.num_hidden_layers):
         rk, rv = ref.layers[layer].keys[0].transpose(0, 1), ref.layers[layer].values[0].transpose(0, 1)
         n = rk.shape[0]
-        assert rel_err(kv.k[layer][1, :n], rk) <= 1e-5, layer
-        assert rel_err(kv.v[layer][1, :n], rv) <= 1e-5, layer
+        assert rel_err(kv.slot_kv(layer, 1)[0][:n], rk) <= 1e-5, layer
+        assert rel_err(kv.slot_kv(layer, 1)[1][:n], rv) <= 1e-5, layer
 
 
 @torch.no_grad()
@@ -114,10 +114,10 @@ def test_images_change_the_cache_and_blocks_matter(pair):
     assert (seg.image_blocks is not None) == model.vision.cfg.bidirectional_images
     seg.image_blocks = None  # soft tokens in place, but causal attention only
     model([seg])
-    assert (rel_err(kv.k[last][0, :n], rk) > 1e-3) == model.vision.cfg.bidirectional_images
+    assert (rel_err(kv.slot_kv(last, 0)[0][:n], rk) > 1e-3) == model.vision.cfg.bidirectional_images
     kv = KVCache(model.text, num_slots=1, capacity=len(ids))
     model([EncodeSegment(kv, torch.tensor([ids]), slots=[0])])  # no images at all
-    assert rel_err(kv.k[last][0, :n], rk) > 1e-3
+    assert rel_err(kv.slot_kv(last, 0)[0][:n], rk) > 1e-3
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def test_chunked_prefill_never_cuts_an_image(pair, chunk):
     kv = our_prefill(model, ids, processed, chunk=chunk)
     for layer in range(model.text.num_hidden_layers):
         rk = ref.layers[layer].keys[0].transpose(0, 1)
-        assert rel_err(kv.k[layer][1, :rk.shape[0]], rk) <= 1e-5, layer
+        assert rel_err(kv.slot_kv(layer, 1)[0][:rk.shape[0]], rk) <= 1e-5, layer
 
 
 @torch.no_grad()

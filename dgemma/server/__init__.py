@@ -52,13 +52,19 @@ class ServerConfig:
     media: object = None  # [vision] server.media.MediaPolicy: where images may come from, limits; None = defaults
     batch_invariant: bool | None = None  # engine mode (docs/fast_step.md); None: exact on the CPU, fast elsewhere
     compile: bool | None = None  # torch.compile the fast step; None: on CUDA
+    block_size: int = 64  # paged KV cache (docs/kv_cache.md)
+    num_kv_blocks: int | None = None  # None: as many as the memory plan leaves room for (at most max_num_seqs
+    # full-length requests' worth)
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = None  # prompt tokens per step (None: one 2,048-token chunk)
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s"):
+        for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "canvas_length", "max_denoising_steps"):
+        for name in ("max_model_len", "canvas_length", "max_denoising_steps", "num_kv_blocks",
+                     "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -215,6 +215,11 @@ async def start(st: ServerState, req, prompt_ids: list[int], prefix: str, images
     if any(not 0 <= t < st.vocab for t in prompt_ids):
         raise RequestError(f"prompt token ids must lie in [0, {st.vocab})", param="prompt")
     params = sampling_params(req, budget(st, len(prompt_ids), req))
+    eng = st.llm.engine  # the paged KV pool must hold the request whole (docs/kv_cache.md)
+    if (need := eng.blocks_needed(len(prompt_ids), params.max_new_tokens)) > eng.pool.num_blocks:
+        raise RequestError(f"the request needs {need} KV blocks of {eng.pool.block_size} positions ({len(prompt_ids)}"
+                           f" prompt tokens, {params.max_new_tokens} output tokens); the KV pool has "
+                           f"{eng.pool.num_blocks}", param="max_tokens", code="context_length_exceeded")
     try:
         params.resolve(st.llm.engine.defaults)  # e.g. t_min above the checkpoint's t_max
     except ValueError as e:

@@ -191,6 +191,10 @@ class AsyncEngine:
             m.decoder_forwards.inc(stats["decoder_forwards"] - old["decoder_forwards"])
             m.generation_tokens.inc(stats["tokens"] - old["tokens"])
             m.canvases.inc(stats["canvases"] - old["canvases"])
+            m.prefix_queries.inc(stats["prefix_cache_queries"] - old["prefix_cache_queries"])
+            m.prefix_hits.inc(stats["prefix_cache_hits"] - old["prefix_cache_hits"])
+            m.prefill_tokens.inc(stats["prefill_tokens"] - old["prefill_tokens"])
+            m.preemptions.inc(stats["preemptions"] - old["preemptions"])
             if stats["forwards"]:
                 m.tokens_per_forward.set(stats["tokens"] / stats["forwards"])
             if stats["decoder_forwards"]:
@@ -209,3 +213,8 @@ class AsyncEngine:
             used, allocated = kv_usage(self.engine.cache)
             self.metrics.kv_cache.set(used, state="used")
             self.metrics.kv_cache.set(allocated - used, state="free")
+            pool = self.engine.pool
+            self.metrics.kv_blocks.set(pool.num_used, state="used")
+            self.metrics.kv_blocks.set(len(pool.lru), state="cached")
+            self.metrics.kv_blocks.set(len(pool.free), state="free")
+            self.metrics.kv_blocks.set(pool.reserved, state="reserved")

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
           '"max_denoising_steps": 48, "entropy_bound": 0.1}\'')
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests denoised concurrently (KV cache slots)")
     p.add_argument("--max-waiting", type=int, default=64, help="bound of the waiting queue (beyond: 503 + Retry-After)")
+    add_kv_flags(p)
     p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
                    help="Host-header names to serve besides IP addresses, localhost and --host (a defence against "
                         "DNS rebinding); '*' serves any")
@@ -69,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_mode_flags(p)
     add_media_flags(p)  # [vision]
     return p
+
+
+def add_kv_flags(p: argparse.ArgumentParser) -> None:
+    """The paged KV cache and the prefill budget (docs/kv_cache.md), with vLLM's flag names."""
+    g = p.add_argument_group("KV cache and scheduling")
+    g.add_argument("--block-size", type=int, default=64, help="positions per KV block of the full-attention layers")
+    g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=int, default=None,
+                   help="blocks in the KV pool (default: what the memory plan leaves room for, at most "
+                        "--max-num-seqs full-length requests' worth)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of identical prompt prefixes between requests")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens encoded per engine step, all requests together (default 2048)")
 
 
 def add_media_flags(p: argparse.ArgumentParser) -> None:
@@ -112,7 +126,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_denoising_steps=shape["max_denoising_steps"], diffusion_defaults=tuple(sorted(defaults.items())),
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args),
-        batch_invariant=args.batch_invariant, compile=args.compile)
+        batch_invariant=args.batch_invariant, compile=args.compile, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def media_policy(args: argparse.Namespace):
@@ -133,18 +149,24 @@ def build(config: ServerConfig):
     path = resolve(config.model) if config.model is not None else default_model_path()
     if not path.is_dir():
         raise ValueError(f"the embedded default model is not installed ({path}): pass a MODEL folder or Hub id")
+    blocks = config.num_kv_blocks
     if config.check_memory:
         plan = memory.check_checkpoint(path, dtype=config.dtype, device=config.device,
                                        quantization=config.quantization, max_num_seqs=config.max_num_seqs,
                                        language_model_only=config.language_model_only,
                                        max_model_len=config.max_model_len,
                                        canvas_length=config.canvas_length, max_waiting=config.max_waiting,
-                                       batch_invariant=config.batch_invariant)
+                                       batch_invariant=config.batch_invariant, block_size=config.block_size,
+                                       num_kv_blocks=config.num_kv_blocks,
+                                       max_num_batched_tokens=config.max_num_batched_tokens)
+        blocks = plan.num_kv_blocks  # the pool the plan sized (or checked)
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
               max_model_len=config.max_model_len, canvas_length=config.canvas_length,
               max_denoising_steps=config.max_denoising_steps, batch_invariant=config.batch_invariant,
-              compile=config.compile, quantization=config.quantization,
+              compile=config.compile, quantization=config.quantization, block_size=config.block_size,
+              num_kv_blocks=blocks, enable_prefix_caching=config.enable_prefix_caching,
+              max_num_batched_tokens=config.max_num_batched_tokens,
               language_model_only=config.language_model_only)
     # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
     llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)

@@ -7,22 +7,23 @@ cannot run out of memory later. What is counted, per engine mode (docs/serving.m
 
 - **weights**: every parameter and buffer of the text model (counted on the meta device) at the serving dtype, plus
   the vision tower's when the checkpoint has one. The fused q/k/v and gate/up matrices of the fast path are views.
-- **KV cache**, exactly as `KVCache` allocates it today: per slot, full-attention layers keep `max_model_len`
-  positions, sliding layers only `sliding_window - 1`, and every layer a scratch tail of `canvas_length` positions
-  (the fast decode's canvas K/V). A slot costs this whatever its request holds: the cache is not paged.
+- **KV cache**, exactly as `KVCache` allocates it (docs/kv_cache.md): the full layers' paged *pool*
+  (`num_kv_blocks` blocks of `block_size` positions; by default all the memory left after everything else, at most
+  `max_num_seqs` full-length requests' worth, and at least one or the plan does not fit), and *per slot* only the
+  sliding layers' rings (`sliding_window - 1` positions plus a `canvas_length` head for the fast decode's canvas)
+  and the full layers' canvas scratch blocks.
 - **attention workspace**, the transient buffers of the attention the mode runs (SDPA never materialises scores
-  here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst step is a prefill in which
-  every slot encodes a `prefill_chunk` of new tokens against a prefix that fills its cache:
-  * fast mode (`EncodeSegment` without batch invariance): all rows at once; per row and layer, a gathered copy of
-    the cached prefix (a view when one row encodes), the concatenation with the new keys, the grouped-KV expansion
-    to every query head (`repeat_interleave`), for K and V; the additive mask SDPA makes from the boolean one (x2:
-    the alignment pad);
-  * exact mode: the same copies for one row at a time (each row attends alone);
-  * both: the boolean masks [rows, new, keys] of each layer kind, kept for the whole forward;
-  * on the CPU, SDPA's flash kernel copies the expanded K and V once more (measured; CUDA's memory-efficient kernel
-    reads them through strides, not measured here).
-  The fast decode step itself reads K/V in place (`CanvasSegment`): its workspace is the folded queries only.
-- **activations of one forward**: every slot's chunk (or canvas) at once; an fp32 upper bound per token of the
+  here: the CUDA memory-efficient kernel and the CPU flash kernel are tiled). The worst encode is one row (both modes
+  attend one row at a time, `EncodeSegment`) encoding a chunk against a full context: per layer, its cached prefix
+  gathered through the block table, the concatenation with the new keys, the grouped-KV expansion to every query
+  head (`repeat_interleave`), for K and V; the boolean and additive masks of one piece of queries (at most
+  `kv_cache.MASK_PAIRS` query x key pairs); on the CPU, SDPA's flash kernel copies the expanded K and V once more
+  (measured; CUDA's memory-efficient kernel reads them through strides, not measured here). The fast decode reads
+  the sliding layers' K/V in place; its full layers read the pool in place with FlexAttention when the step is
+  compiled on CUDA, and otherwise gather every row's blocks, padded to the longest row (counted as the eager
+  decode's workspace).
+- **activations of one forward**: the prefill budget (`max_num_batched_tokens`) plus one canvas commit per slot
+  (and, in exact mode, the denoising canvases, which share the forward); an fp32 upper bound per token of the
   residual stream, norms, projections, dense MLP, router and the MoE's grouped-GEMM intermediates (k rows per
   token).
 - **logits slab**: `[rows, canvas, vocab]` fp32 logits in slabs of the rows `logits_budget_bytes` admits (at
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, TextConfig
-from ..kv_cache import KVCache
+from ..kv_cache import MASK_PAIRS, KVCache
 
 GiB = 2**30
 HEADROOM = 0.90  # plan against 90% of what is available: the allocator, Python objects and the OS need the rest
@@ -76,11 +77,19 @@ class MemoryPlan:
     max_model_len: int
     notes: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (what, how it is counted)
     mode: str = "exact"  # "exact" (batch-invariant) or "fast"
-    kv_bytes_per_slot: int = 0
+    kv_bytes_per_slot: int = 0  # sliding rings and canvas scratch of one slot
+    num_kv_blocks: int = 0  # blocks of the full layers' pool
+    block_size: int = 64
+    blocks_per_request: int = 1  # blocks of one full-length request
 
     @property
     def total(self) -> int:
         return sum(b for _, b in self.parts)
+
+    def requests_fit(self, tokens: int | None = None) -> int:
+        """Requests of `tokens` positions (default: full-length) the pool holds at once, at most max_num_seqs."""
+        need = self.blocks_per_request if tokens is None else -(-tokens // self.block_size)
+        return min(self.max_num_seqs, self.num_kv_blocks // need)
 
     @property
     def usable(self) -> int | None:
@@ -88,7 +97,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.total <= HEADROOM * self.available
+        """Everything fits, and the pool holds at least one full-length request."""
+        room = self.available is None or self.total <= HEADROOM * self.available
+        return room and self.num_kv_blocks >= self.blocks_per_request
 
     def describe(self) -> str:
         rows = [f"  {name:<40} {b / GiB:10.3f} GiB" for name, b in self.parts]
@@ -165,74 +176,102 @@ def _layer_kinds(t: TextConfig) -> list[tuple[bool, int, int]]:
 
 def encode_workspace(t: TextConfig, rows: int, new: int, max_model_len: int, elem: int, batch_invariant: bool,
                      cpu: bool = False) -> int:
-    """Transient bytes of the attention of the worst encode forward (module doc): `rows` rows each encoding `new`
-    tokens whose keys fill the cache; one row at a time in exact mode, all at once in fast mode. `cpu`: the CPU's
-    flash kernel also copies its expanded K and V (measured: docs/serving.md, "Memory")."""
-    per_layer, masks = 0, 0
+    """Transient bytes of the attention of the worst encode forward (module doc): a row encoding `new` tokens
+    whose keys fill its context. Both modes attend one row at a time (kv_cache.EncodeSegment), so `rows` and the
+    mode change nothing: per layer, the row's cached prefix gathered through the block table (full layers; a
+    sliding ring is a view), its concatenation with the new keys, the grouped-KV expansion to every query head,
+    SDPA's additive mask and the boolean one. `cpu`: the CPU's flash kernel also copies its expanded K and V."""
+    per_layer = 0
     for sliding, hkv, d in _layer_kinds(t):
         keys = min(max_model_len, t.sliding_window - 1 + new) if sliding else max_model_len  # cached + new
         rep = t.num_attention_heads // hkv
-        gathered = keys - new if rows > 1 and not batch_invariant else 0  # one slot's prefix is gathered as a view
+        gathered = 0 if sliding else keys - new
         copies = (gathered + keys) * hkv * d * elem * 2  # gathered prefix + concatenation, K and V
         expand = keys * t.num_attention_heads * d * elem * 2 if rep > 1 else 0  # repeat_interleave to every head
         expand *= 2 if cpu else 1
-        bias = new * keys * elem * 2  # SDPA's additive mask from the boolean one, and its aligned copy
-        row = copies + expand + bias
-        per_layer = max(per_layer, row * (1 if batch_invariant else rows))
-        masks += rows * new * keys  # boolean [rows, new, keys], one per layer kind, for the whole forward
-    return per_layer + masks
+        piece = min(new, max(1, MASK_PAIRS // keys))  # queries attend in pieces (kv_cache.MASK_PAIRS)
+        masks = piece * keys * (elem * 2 + 1)  # SDPA's additive mask and its aligned copy, and the boolean one
+        per_layer = max(per_layer, copies + expand + masks)
+    return per_layer
 
 
-def decode_workspace(t: TextConfig, rows: int, max_model_len: int, canvas: int, elem: int) -> int:
-    """Transient bytes of the fast decode's attention (`CanvasSegment`): keys are read in place, so only the folded
-    queries, the output and the [rows, 1, 1, keys] mask."""
+def decode_workspace(t: TextConfig, rows: int, max_model_len: int, canvas: int, elem: int,
+                     gather: bool = False, block_size: int = 64) -> int:
+    """Transient bytes of the fast decode's attention (`CanvasSegment`): the folded queries, the output and the
+    [rows, 1, 1, keys] mask; sliding layers read K/V in place. Full layers: with the GATHER backend, one copy of
+    every row's blocks (K and V), padded to the longest row; with FLEX, the pool is read in place and the block
+    mask costs a fill count per row and pool block (counted with the pool)."""
     hd = max(t.head_dim, t.global_head_dim)
-    return rows * canvas * t.num_attention_heads * hd * elem * 2 + rows * (max_model_len + canvas) * elem
+    ws = rows * canvas * t.num_attention_heads * hd * elem * 2 + rows * (max_model_len + canvas) * elem
+    if gather:
+        fulls = [(hkv, d) for sliding, hkv, d in _layer_kinds(t) if not sliding]
+        keys = -(-max_model_len // block_size) * block_size + -(-canvas // block_size) * block_size
+        ws += max((rows * keys * hkv * d * elem * 2 for hkv, d in fulls), default=0)
+    return ws
+
+
+def pool_block_bytes(t: TextConfig, elem: int, block_size: int) -> int:
+    """Bytes of one block of the full layers' pool (K and V of `block_size` positions in every full layer)."""
+    return kv_bytes_per_position(t, elem)[0] * block_size
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_seqs: int, max_model_len: int,
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
          batch_invariant: bool = True, cuda_graphs: bool = False, params: int | None = None,
          available: int | None = -1, extra: tuple[tuple[str, int], ...] = (),
-         weight_bytes: int | None = None) -> MemoryPlan:
+         weight_bytes: int | None = None, block_size: int = 64, num_kv_blocks: int | None = None,
+         max_num_batched_tokens: int | None = None) -> MemoryPlan:
     """The plan for one configuration (module doc). `available=-1` asks the device; pass a number to plan against
     it. `batch_invariant` picks the engine mode (exact: True, fast: False); `cuda_graphs`: the fast step is
-    captured (fast mode on CUDA by default). `weight_bytes` replaces params x dtype size (FP8 weights:
-    fp8.weight_bytes)."""
+    captured (fast mode on CUDA by default; its full layers then read the pool with FlexAttention, otherwise by a
+    gather). `weight_bytes` replaces params x dtype size (FP8 weights: fp8.weight_bytes). `num_kv_blocks=None`
+    sizes the pool from the memory left (at most `max_num_seqs` full-length requests' worth; all of that when the
+    memory is unknown)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(cfg) if params is None else params
-    new = min(max(prefill_chunk, C), max_model_len)  # tokens a row encodes in one forward: a chunk or a canvas
+    budget = max_num_batched_tokens or prefill_chunk
+    new = min(max(min(prefill_chunk, budget), C), max_model_len)  # tokens one row encodes in a forward
+    per_request = -(-max_model_len // block_size)  # blocks of one full-length request
     engine_row_bytes = C * V * 4 * 3  # what the engine divides its logits budget by (engine.py)
     rows_per_slab = min(S, max(1, logits_budget_bytes // engine_row_bytes))
     slab = rows_per_slab * C * V * SAMPLER_BYTES_PER_ELEMENT
-    kv_slot = KVCache.bytes_needed(t, 1, max_model_len, dtype, scratch=C)
-    workspace = encode_workspace(t, S, new, max_model_len, elem, batch_invariant, torch.device(device).type == "cpu")
+    kv_slot = KVCache.bytes_needed(t, 1, max_model_len, dtype, scratch=C, block_size=block_size, num_blocks=0)
+    block_bytes = pool_block_bytes(t, elem, block_size)
+    flex = cuda_graphs and not batch_invariant
+    cpu = torch.device(device).type == "cpu"
+    workspace = encode_workspace(t, S, new, max_model_len, elem, batch_invariant, cpu)
     if not batch_invariant and not cuda_graphs:  # the eager fast decode runs in its own forward
-        workspace = max(workspace, decode_workspace(t, S, max_model_len, C, elem))
+        workspace = max(workspace, decode_workspace(t, S, max_model_len, C, elem, gather=True,
+                                                    block_size=block_size))
+    # One forward: the prompt chunks (at most the budget), a canvas commit per slot, and in exact mode the
+    # denoising canvases (the fast step decodes in a forward of its own).
+    tokens = min(budget, S * new) + S * C + (S * C if batch_invariant else 0)
     full, sliding = kv_bytes_per_position(t, elem)
     parts = [
         ("weights", params * elem if weight_bytes is None else weight_bytes),
-        ("KV cache", kv_slot * S),
+        ("KV per slot (sliding rings, canvas scratch)", kv_slot * S),
         ("attention workspace", workspace),
-        ("activations of one forward", _activation_bytes(t, S * new)),
+        ("activations of one forward", _activation_bytes(t, tokens)),
     ]
     notes = [
         ("weights", f"{params:,} parameters and buffers x {elem} bytes"),
-        ("KV cache", f"{S} slot(s) x {kv_slot:,} B: full layers {max_model_len} + {C} scratch positions x {full:,} B,"
-                     f" sliding layers {min(max_model_len, t.sliding_window - 1)} + {C} x {sliding:,} B; "
-                     "preallocated per slot whatever the request holds"),
-        ("attention workspace", ("exact mode: one row at a time" if batch_invariant else "fast mode: every row at once")
-         + f", {S} row(s) x {new} new tokens against {max_model_len} keys (prefix copies, grouped-KV expansion, "
-           "masks); SDPA tiles, no scores materialised"),
-        ("activations of one forward", f"{S} row(s) x {new} tokens, fp32 upper bound incl. MoE grouped-GEMM "
-                                       "intermediates"),
+        ("KV per slot (sliding rings, canvas scratch)",
+         f"{S} slot(s) x {kv_slot:,} B: sliding layers {min(max_model_len, t.sliding_window - 1)} + {C} positions "
+         f"x {sliding:,} B, full layers' canvas scratch {-(-C // block_size)} block(s) of {block_size}"),
+        ("attention workspace", f"one row at a time (both modes): {new} new tokens against {max_model_len} keys "
+                                "(prefix gathered through the block table, grouped-KV expansion, masks); SDPA "
+                                "tiles, no scores materialised"),
+        ("activations of one forward", f"{tokens} tokens (prefill budget {budget}, a canvas commit per slot"
+                                       f"{', the denoising canvases' if batch_invariant else ''}), fp32 upper "
+                                       "bound incl. MoE grouped-GEMM intermediates"),
         ("logits slab (sampler)", f"{rows_per_slab} row(s) x {C} x {V} x {SAMPLER_BYTES_PER_ELEMENT} B "
                                   "(fp32 logits and the sampler's temporaries, top-k/top-p included)"),
     ]
     if cuda_graphs and not batch_invariant:  # the decode step and its sampler run from the graphs' private pool
-        pool = _activation_bytes(t, S * C) + decode_workspace(t, S, max_model_len, C, elem) + slab
-        parts.append(("CUDA-graph pool (estimate)", pool))
+        graph = _activation_bytes(t, S * C) + decode_workspace(t, S, max_model_len, C, elem, gather=not flex,
+                                                                  block_size=block_size) + slab
+        parts.append(("CUDA-graph pool (estimate)", graph))
         notes.append(("CUDA-graph pool (estimate)", "one captured decode step (its activations for every slot's "
                                                     "canvas, folded queries, and the logits slab below), shared by "
                                                     "every captured shape"))
@@ -250,14 +289,29 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     parts += list(extra)  # [vision] the image tower's weights and activations (vision_parts)
     vision_act = dict(extra).get("vision tower activations", 0)
     if vision_act:  # the tower runs before its step's text forward and frees its temporaries first
-        forward = workspace + _activation_bytes(t, S * new)
+        forward = workspace + _activation_bytes(t, tokens)
         parts.append(("vision temporaries reuse the forward's", -min(vision_act, forward)))
         notes.append(("vision temporaries reuse the forward's", "the tower's temporaries and the text forward's "
                                                                 "are never alive together: only the larger counts"))
     if available == -1:
         available = available_bytes(device)
+    # The pool: what is asked, or what the memory left holds (at most S full-length requests' worth). Each block
+    # also costs its rows in the block tables and, with FLEX, a fill count per decode row.
+    per_block = block_bytes + (S * 8 if flex else 0)
+    if num_kv_blocks is None:
+        blocks = S * per_request
+        if available is not None:
+            room = int(HEADROOM * available) - sum(b for _, b in parts)
+            blocks = max(0, min(blocks, room // per_block))
+    else:
+        blocks = num_kv_blocks
+    parts.insert(1, ("KV pool (full layers)", blocks * per_block))
+    notes.insert(1, ("KV pool (full layers)", f"{blocks:,} blocks of {block_size} positions x {full:,} B "
+                     f"({blocks // per_request} full-length request(s) of {max_model_len}); "
+                     + ("sized to the memory left, at most --max-num-seqs full-length requests"
+                        if num_kv_blocks is None else "--num-kv-blocks")))
     return MemoryPlan(tuple(parts), available, str(device), S, max_model_len, tuple(notes),
-                      "exact" if batch_invariant else "fast", kv_slot)
+                      "exact" if batch_invariant else "fast", kv_slot, blocks, block_size, per_request)
 
 
 def largest_fitting(make_plan, upper: int) -> int:
@@ -283,7 +337,8 @@ def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
 
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
                      canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
-                     available: int | None = -1, quantization: str | None = None,
+                     available: int | None = -1, quantization: str | None = None, block_size: int = 64,
+                     num_kv_blocks: int | None = None, max_num_batched_tokens: int | None = None,
                      language_model_only: bool = False) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit.
     `language_model_only`: the vision tower is not loaded, so not planned."""
@@ -307,7 +362,8 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     def make(s: int) -> MemoryPlan:
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len, max_waiting=max_waiting,
                     params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs,
-                    weight_bytes=weights)
+                    weight_bytes=weights, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                    max_num_batched_tokens=max_num_batched_tokens)
 
     p = make(max_num_seqs)
     if not p.fits:
@@ -320,6 +376,9 @@ def refusal(p: MemoryPlan, make, cfg: ModelConfig, dtype: torch.dtype) -> str:
     best = largest_fitting(make, p.max_num_seqs)
     hint = (f"--max-num-seqs {best} would fit with --max-model-len {p.max_model_len}" if best else
             f"even one sequence of {p.max_model_len} tokens does not fit: lower --max-model-len or use a smaller dtype")
+    if p.num_kv_blocks < p.blocks_per_request:
+        hint = (f"the KV pool has {p.num_kv_blocks} blocks; one {p.max_model_len}-token request needs "
+                f"{p.blocks_per_request}\n" + hint)
     return (f"not enough memory for --max-num-seqs {p.max_num_seqs} --max-model-len {p.max_model_len} "
             f"(canvas {cfg.canvas_length}, vocabulary {cfg.text.vocab_size}, {dtype}, {p.mode} mode): needs "
             f"{p.total / GiB:.2f} GiB, {p.usable / GiB:.2f} GiB usable\n{p.describe()}\n{hint}")

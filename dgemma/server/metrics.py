@@ -112,8 +112,17 @@ class ServerMetrics:
         self.in_flight = g("dgemma_requests_in_flight", "Requests accepted and not yet ended.")
         self.max_num_seqs = g("dgemma_max_num_seqs", "Slots (concurrent requests the engine runs).")
         self.kv_cache = g("dgemma_kv_cache_bytes", "KV cache bytes: used (committed tokens of the slots in use, "
-                          "sliding layers at most their window) and free (the rest of what is allocated; the cache "
-                          "is preallocated per slot, so a busy slot's free bytes serve no other request).")
+                          "sliding layers at most their window) and free (the rest of what is allocated: free blocks "
+                          "of the full layers' pool, unfilled positions of held blocks, idle sliding rings).")
+        self.kv_blocks = g("dgemma_kv_blocks", "Blocks of the full layers' paged KV pool: used (held by a request), "
+                           "cached (prefix-cache blocks no request holds, reusable until evicted), free (neither), "
+                           "reserved (promised to admitted requests, not yet allocated).")
+        self.prefix_queries = c("dgemma_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = c("dgemma_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (whole "
+                             "blocks); the last layers' receptive field before a hit is still re-encoded.")
+        self.prefill_tokens = c("dgemma_prefill_tokens_total", "Prompt tokens encoded (prefix-cache hits skipped).")
+        self.preemptions = c("dgemma_preemptions_total", "Requests preempted for lack of KV blocks (always 0: "
+                             "admission reserves every block a request can need).")
         self.max_waiting = g("dgemma_max_waiting", "Bound of the waiting queue.")
         self.steps_per_canvas = h("dgemma_denoising_steps_per_canvas", "Denoising steps each committed canvas took.",
                                   STEP_BUCKETS)
