@@ -26,6 +26,18 @@ class StepTrace:
     allowed: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a request ended with finish_reason "error". It ended alone: its batch mates run on unaffected.
+
+    kind "constraint": its constraint could not be met mid-generation (a dead end: the matcher allows no token, or a
+    template's pinned token is refused); retrying the same request and seed fails the same way.
+    kind "internal": an unexpected error while serving it (e.g. in detokenizing; a bug, logged with its traceback)."""
+
+    kind: str
+    message: str
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -33,7 +45,8 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error" (see `error`)
+    error: Failure | None = None  # finish_reason "error": what failed; the output so far is kept
     canvases: list[CanvasStats] = field(default_factory=list)
     decoder_forwards: int = 0
     trace: list[StepTrace] = field(default_factory=list)
