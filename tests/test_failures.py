@@ -279,3 +279,20 @@ def test_server_survives_a_failed_step_and_a_loop_bug(server, client, monkeypatc
     import time
     time.sleep(1.5)  # an idle turn of the loop hits the bug too
     assert server.state.engine.alive and httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_cli_prints_the_text_so_far_and_exits_1(monkeypatch, capsys):
+    from dgemma.cli import main
+    from dgemma.constraint import Constraint
+
+    allowed = Constraint._allowed
+    monkeypatch.setattr(Constraint, "_allowed", lambda self, m: (torch.zeros(self.V, dtype=torch.bool)
+                                                                 if self.offset >= 64 else allowed(self, m)))
+    args = ["generate", "NURSE:", "--seed", "5", "--max-denoising-steps", "6", "--max-new-tokens", "192",
+            "--regex", LONG]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert len(out.strip()) > 64 and out.strip().isalpha() and "generation failed" in err and "allows no token" in err
+    assert main([*args, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "error" and "allows no token" in out["error"] and len(out["token_ids"]) == 64
