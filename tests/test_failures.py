@@ -296,3 +296,19 @@ def test_cli_prints_the_text_so_far_and_exits_1(monkeypatch, capsys):
     assert main([*args, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["finish_reason"] == "error" and "allows no token" in out["error"] and len(out["token_ids"]) == 64
+
+
+def test_server_constraint_refused_at_admission_is_a_422(server, client, monkeypatch):
+    """A matcher that cannot be built for the engine's tokenizer (refused on the engine thread, after the request's
+    own validation) is the request's fault too."""
+    from dgemma.constraint import ConstraintError
+
+    def refuse(*a, **k):
+        raise ConstraintError("constraint cannot be used: no token spells it")
+
+    monkeypatch.setattr(server.llm.engine, "_constraint", refuse)
+    with pytest.raises(openai.UnprocessableEntityError, match="no token spells it") as e:
+        client.completions.create(model="dgemma-shakespeare", prompt="x", max_tokens=16,
+                                  extra_body={"structured_outputs": {"choice": ["a", "b"]}})
+    assert e.value.body["param"] == "structured_outputs.choice"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"

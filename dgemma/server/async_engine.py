@@ -24,7 +24,8 @@ import threading
 import time
 
 from ..engine import Engine
-from ..outputs import Failure, StreamEvent
+from ..constraint import ConstraintError
+from ..outputs import Failure, RequestOutput, StreamEvent
 from ..sampling_params import SamplingParams
 from .memory import kv_usage
 from .metrics import ServerMetrics
@@ -188,6 +189,10 @@ class AsyncEngine:
                 self.engine.add_request(prompt, params, rid, images=images)
                 self._submitted[rid] = (t0, len(prompt))
                 self._held.add(rid)
+            except ConstraintError as e:  # its matcher could not be built for this tokenizer: the request's fault
+                out = RequestOutput(rid, prompt, finished=True, finish_reason="error",
+                                    error=Failure("constraint", str(e)))
+                self._post([StreamEvent(rid, "finished", output=out)])
             except Exception as e:  # validated on the asyncio side already; this is a last line of defence
                 self._post([StreamEvent(rid, "error", text_delta=str(e))])
         return False
