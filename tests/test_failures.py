@@ -66,14 +66,19 @@ def requests(llm):
     return plain, choice, doomed
 
 
+@pytest.fixture(scope="module")
+def solo(llm, requests):
+    """What the two mates write alone."""
+    return [_run(llm.engine, [r])[0] for r in requests[:2]]
+
+
 def _digit(llm) -> int:
     return llm.tokenizer.encode("7", add_special_tokens=False)[0]
 
 
 @pytest.mark.parametrize("how", ["dead_end", "refused_pin", "detokenizer"])
-def test_failing_request_ends_alone_and_mates_are_untouched(llm, requests, how):
+def test_failing_request_ends_alone_and_mates_are_untouched(llm, requests, solo, how):
     eng, C = llm.engine, llm.config.canvas_length
-    solo = [_run(eng, [r])[0] for r in requests[:2]]
 
     def breaker(seq):
         if how == "dead_end":
@@ -100,7 +105,7 @@ def test_failing_request_ends_alone_and_mates_are_untouched(llm, requests, how):
                    "detokenizer": ("internal", "UnicodeDecodeError")}[how]
     assert bad.error.kind == kind and words in bad.error.message, bad.error
     assert all(s is None for s in eng.slots)  # every slot free again, and the engine serves on
-    assert _run(eng, [requests[0]])[0].token_ids == solo[0].token_ids
+    assert _run(eng, [requests[1]])[0].token_ids == solo[1].token_ids
 
 
 def test_fast_mode_dead_end_ends_alone(llm, requests):
@@ -146,8 +151,14 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=120)
 
 
-MATE = dict(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=320, seed=11,
-            extra_body={"ignore_eos": True, **FAST})
+MATE = dict(model="dgemma-shakespeare", prompt="ROMEO:", max_tokens=192, seed=11,
+            extra_body={"ignore_eos": True, **FAST})  # three canvases: it outlives a request that fails on its second
+
+
+@pytest.fixture(scope="module")
+def mate_solo(server):
+    """The mate's text alone."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="-").completions.create(**MATE).choices[0].text
 
 
 def _with_mate(client, doomed_call):
@@ -160,7 +171,7 @@ def _with_mate(client, doomed_call):
     return result, text
 
 
-def _doom_server(server, monkeypatch, fail_with=None):
+def _doom_server(server, monkeypatch):
     """Every constrained request on the server reaches a dead end on its second canvas."""
     eng, C = server.llm.engine, server.llm.config.canvas_length
     make = eng._constraint
@@ -173,8 +184,7 @@ def _doom_server(server, monkeypatch, fail_with=None):
     monkeypatch.setattr(eng, "_constraint", doomed)
 
 
-def test_server_answers_a_dead_end_with_422_and_the_mate_is_untouched(server, client, monkeypatch):
-    solo = client.completions.create(**MATE).choices[0].text
+def test_server_answers_a_dead_end_with_422_and_the_mate_is_untouched(server, client, mate_solo, monkeypatch):
     _doom_server(server, monkeypatch)
 
     def doomed():
@@ -188,13 +198,11 @@ def test_server_answers_a_dead_end_with_422_and_the_mate_is_untouched(server, cl
     body = err.body
     assert body["type"] == "invalid_request_error" and body["code"] == "constraint_unsatisfiable"
     assert body["param"] == "guided_regex" and "allows no token" in body["message"], body
-    assert mate == solo
+    assert mate == mate_solo
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
-    assert client.completions.create(**MATE).choices[0].text == solo
 
 
-def test_server_stream_ends_a_dead_end_with_an_error_event_then_done(server, client, monkeypatch):
-    solo = client.completions.create(**MATE).choices[0].text
+def test_server_stream_ends_a_dead_end_with_an_error_event_then_done(server, client, mate_solo, monkeypatch):
     _doom_server(server, monkeypatch)
 
     def doomed():
@@ -215,14 +223,14 @@ def test_server_stream_ends_a_dead_end_with_an_error_event_then_done(server, cli
     chunks = [json.loads(e) for e in events[:-2]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text.startswith('{"x":"') and all(c["choices"][0].get("finish_reason") is None for c in chunks)
-    assert mate == solo
+    assert mate == mate_solo
     with pytest.raises(openai.APIError, match="allows no token"):  # the openai client raises on the error event
         list(client.completions.create(model="dgemma-shakespeare", prompt="NURSE:", max_tokens=192, seed=5,
                                        stream=True, extra_body={"guided_regex": LONG, **FAST}))
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_server_internal_failure_of_one_request_is_a_500(server, client, monkeypatch):
+def test_server_internal_failure_of_one_request_is_a_500(server, client, mate_solo, monkeypatch):
     """A detokenizer that raises for one request: that request gets 500 `generation_failed`, the rest go on."""
     eng = server.llm.engine
     add = eng.add_request
@@ -235,7 +243,6 @@ def test_server_internal_failure_of_one_request_is_a_500(server, client, monkeyp
         return rid
 
     monkeypatch.setattr(eng, "add_request", add_broken)
-    solo = client.completions.create(**MATE).choices[0].text
 
     def broken():
         with pytest.raises(openai.InternalServerError) as e:
@@ -244,11 +251,11 @@ def test_server_internal_failure_of_one_request_is_a_500(server, client, monkeyp
 
     err, mate = _with_mate(client, broken)
     assert err.body["code"] == "generation_failed" and "ZeroDivisionError" in err.body["message"], err.body
-    assert mate == solo
+    assert mate == mate_solo
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_server_survives_a_failed_step_and_a_loop_bug(server, client, monkeypatch):
+def test_server_survives_a_failed_step_and_a_loop_bug(server, client, mate_solo, monkeypatch):
     """A step that raises fails every request in flight with a 500 body (none hangs); a bug elsewhere in the loop
     (here the gauges) loses no request; either way the loop lives on and /health stays ok."""
     eng, step = server.llm.engine, server.llm.engine.step
@@ -269,13 +276,13 @@ def test_server_survives_a_failed_step_and_a_loop_bug(server, client, monkeypatc
         list(chunks)
     assert all(s is None for s in eng.slots)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
-    solo = client.completions.create(**MATE).choices[0].text
+    assert client.completions.create(**MATE).choices[0].text == mate_solo  # serving as before
 
     def broken_gauges():
         raise RuntimeError("metrics bug")
 
     monkeypatch.setattr(server.state.engine, "_gauges", broken_gauges)
-    assert client.with_options(timeout=60).completions.create(**MATE).choices[0].text == solo
+    assert client.with_options(timeout=60).completions.create(**MATE).choices[0].text == mate_solo
     import time
     time.sleep(1.5)  # an idle turn of the loop hits the bug too
     assert server.state.engine.alive and httpx.get(server.url + "/health").json()["status"] == "ok"
