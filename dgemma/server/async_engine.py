@@ -193,6 +193,8 @@ class AsyncEngine:
                 out = RequestOutput(rid, prompt, finished=True, finish_reason="error",
                                     error=Failure("constraint", str(e)))
                 self._post([StreamEvent(rid, "finished", output=out)])
+                with self.metrics.lock:
+                    self.metrics.finished.inc(finish_reason="error")
             except Exception as e:  # validated on the asyncio side already; this is a last line of defence
                 self._post([StreamEvent(rid, "error", text_delta=str(e))])
         return False
