@@ -227,13 +227,16 @@ def generate_main(argv: list[str]) -> int:
             "steps_per_canvas": out.steps_per_canvas, "decoder_forwards": out.decoder_forwards,
             "tokens_per_forward": round(out.tokens_per_forward, 3), "seconds": round(gen_s, 3),
             "tokens_per_second": round(len(out.token_ids) / gen_s, 1) if gen_s else None,
-            "load_seconds": round(load_s, 3),
+            "load_seconds": round(load_s, 3), "error": out.error.message if out.error else None,
         }))
     elif not args.show_canvas:
         print(out.text)
         print(f"[{len(out.token_ids)} tokens, {len(out.canvases)} canvases, steps {out.steps_per_canvas}, "
               f"{out.tokens_per_forward:.2f} tokens/forward, {len(out.token_ids) / gen_s:.1f} tokens/s]",
               file=sys.stderr)
+    if out.error is not None:  # e.g. the constraint hit a dead end: the text above is what was committed
+        print(f"dgemma: generation failed: {out.error.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -40,12 +40,12 @@ from . import batch_invariant, sampler
 from .block_pool import ROOT_HASH, BlockPool, chain_hash
 from .kv_cache import DecodeSegment, EncodeSegment, KVCache
 from .model import DiffusionGemma
-from .outputs import CanvasStats, RequestOutput, StepTrace, StreamEvent
+from .outputs import CanvasStats, Failure, RequestOutput, StepTrace, StreamEvent
 from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
-from .constraint import Constraint, ll_tokenizer, template_pins  # [constrained]
+from .constraint import Constraint, ConstraintError, ll_tokenizer, template_pins  # [constrained]
 
 log = logging.getLogger("dgemma")
 
@@ -237,6 +237,31 @@ class Engine:
                 self._finish(seq, "abort")
                 return True
         return False
+
+    def fail(self, request_id: str, failure: Failure) -> StreamEvent | None:
+        """End one request, queued or running, with finish_reason "error" (its "finished" event; None if unknown)."""
+        for seq in [*self.waiting, *(s for s in self.slots if s is not None)]:
+            if seq.id == request_id:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                return self._finish(seq, "error", failure)
+        return None
+
+    def _fail(self, s: Sequence, e: Exception) -> StreamEvent:
+        """A request's own step failed: it finishes alone with finish_reason "error", its slot freed, and its batch
+        mates go on (in exact mode their tokens are those of a run without it)."""
+        if isinstance(e, ConstraintError):
+            failure = Failure("constraint", f"the constraint could not be met: {e}")
+        else:
+            log.error("request %s failed", s.id, exc_info=e)
+            failure = Failure("internal", f"generation failed: {type(e).__name__}: {e}")
+        return self._finish(s, "error", failure)
+
+    def _commit_or_fail(self, s: Sequence, canvas: list[int]) -> list[StreamEvent]:
+        try:
+            return self._commit(s, canvas)
+        except Exception as e:  # e.g. the matcher refuses the commit, or the detokenizer fails: this request only
+            return [self._fail(s, e)]
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
@@ -445,7 +470,13 @@ class Engine:
             rows = dec[start:start + per]
             slots = torch.tensor([s.slot for s in rows], device=self.model.device)
             logits = self.model.logits(hidden[start:start + len(rows)])
-            swept = {i: s.constraint.mask(logits[i]) for i, s in enumerate(rows) if s.constraint is not None}
+            swept, failed = {}, {}  # [constrained] a dead end fails its request alone (its row is sampled, unused)
+            for i, s in enumerate(rows):
+                if s.constraint is not None:
+                    try:
+                        swept[i] = s.constraint.mask(logits[i])
+                    except Exception as e:
+                        failed[i] = e
             params = sampler.RowParams.from_settings([s.settings for s in rows], device=self.model.device)
             draws = sampler.PerRequestDraws([s.generator for s in rows], self.model.device)
             res = sampler.step(logits, self.steps_left[slots], params, self.prev_argmax[slots],
@@ -464,6 +495,9 @@ class Engine:
             self.has_sc[slots.cpu()] = True
             done = res.done.tolist()
             for i, s in enumerate(rows):
+                if i in failed:
+                    events.append(self._fail(s, failed[i]))
+                    continue
                 s.canvas_steps += 1
                 s.out.decoder_forwards += 1
                 self.stats["decoder_forwards"] += 1
@@ -478,7 +512,7 @@ class Engine:
                         s.out.trace.append(t)
                     events.append(StreamEvent(s.id, "draft", draft=t))
                 if done[i]:
-                    events += self._commit(s, res.argmax[i].tolist())
+                    events += self._commit_or_fail(s, res.argmax[i].tolist())
         return events
 
     # -- the fast step -------------------------------------------------------------------------------------------
@@ -535,7 +569,7 @@ class Engine:
                     s.out.trace.append(t)
                 events.append(StreamEvent(s.id, "draft", draft=t))
             if row[C]:
-                events += self._commit(s, argmax)
+                events += self._commit_or_fail(s, argmax)
         return events
 
     def _read_back(self, out: torch.Tensor) -> list[list[float]]:
@@ -655,9 +689,10 @@ class Engine:
                 return new[:k]
         return new
 
-    def _finish(self, s: Sequence, reason: str) -> StreamEvent:
+    def _finish(self, s: Sequence, reason: str, failure: Failure | None = None) -> StreamEvent:
         tail = ""
-        if s.decoder is not None and not (reason == "stop" and s.params.stop):
+        s.out.error = failure
+        if s.decoder is not None and reason != "error" and not (reason == "stop" and s.params.stop):
             tail = s.decoder.flush()  # bytes held back for an incomplete character
             s.out.text += tail
         s.out.finished, s.out.finish_reason = True, reason

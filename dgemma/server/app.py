@@ -12,9 +12,19 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`: 400 invalid or unsupported
 fields, too-long prompts and unknown Host names, 401 bad API key, 404 unknown model or route, 413 oversized body,
-415 a body not declared JSON, 503 queue full (with Retry-After), 500 engine failure. A client that disconnects
+415 a body not declared JSON, 422 a constraint that could not be met mid-generation (below), 503 queue full (with
+Retry-After), 500 engine failure. A client that disconnects
 cancels its request: streaming responses are cancelled by Starlette (the generator's `finally` aborts), non-streaming
 ones watch `http.disconnect` themselves.
+
+A request that fails mid-generation ends alone (`RequestOutput.error`, finish_reason "error"; its batch mates go on):
+non-streaming, it is answered with the error instead of a completion; streaming, the text already sent stays and
+an error event `data: {"error": {...}}` then `data: [DONE]` end the stream. Its constraint hitting a dead end (the
+matcher allows no token, a template's pinned token is refused) is 422 `invalid_request_error`, code
+`constraint_unsatisfiable`, `param` the constraint's field: the request was valid when admitted, but cannot be
+completed as given, and retrying it unchanged fails the same way (so not a 5xx, which clients retry). Anything else
+(a bug) is 500 `server_error`, code `generation_failed`; a failure of the whole engine step fails every request in
+flight with 500 and the server goes on serving.
 
 Opt-in draft streaming: with `"dgemma": {"drafts": true}` and `stream: true`, every denoising step also sends a
 chunk with `"object": "dgemma.draft"`, `"choices": []` (so OpenAI clients, which must already skip the empty-choices
@@ -47,8 +57,8 @@ from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from .metrics import ServerMetrics
 from .prompts import PromptEncoder
 from .protocol import (ChatChoice, ChatCompletionRequest, CompletionChoice, CompletionRequest, ModelCard, ModelList,
-                       RequestError, Response, StreamWriter, Usage, completion_prompt, error_body, sampling_params,
-                       template_messages, unsupported)
+                       RequestError, Response, StreamWriter, Usage, completion_prompt, constraint_fields, error_body,
+                       sampling_params, template_messages, unsupported)
 from .schema import ERROR, Health, add_request_bodies, route_docs
 from .security import HostCheck, require_json
 
@@ -242,6 +252,14 @@ def extras(out) -> dict:
     return {"steps_per_canvas": out.steps_per_canvas, "tokens_per_forward": round(out.tokens_per_forward, 4)}
 
 
+def failed(req, failure) -> RequestError:
+    """The answer to a request that failed mid-generation (`RequestOutput.error`; the module doc says why 422)."""
+    if failure.kind == "constraint":
+        return RequestError(failure.message, param=constraint_fields(req)[0], code="constraint_unsatisfiable",
+                            status=422)
+    return RequestError(failure.message, type="server_error", code="generation_failed", status=500)
+
+
 def usage(n_prompt: int, out) -> Usage:
     n = len(out.token_ids)
     return Usage(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
@@ -264,6 +282,8 @@ async def respond(st: ServerState, request: Request, req, rid: str, q: asyncio.Q
         return StreamingResponse(sse(st, req, rid, q, n_prompt, t0, StreamWriter(rid, model_name, chat)),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     out = await wait_final(st, request, rid, q, t0)
+    if out.error is not None:
+        raise failed(req, out.error)
     if chat:
         choice = ChatChoice(message={"role": "assistant", "content": out.text}, finish_reason=out.finish_reason)
     else:
@@ -288,7 +308,7 @@ async def wait_final(st: ServerState, request: Request, rid: str, q: asyncio.Que
                 first = False
                 first_token(st, t0)
             elif ev.kind == "error":
-                raise RequestError(ev.text_delta, type="server_error", status=500)
+                raise RequestError(ev.text_delta, type="server_error", code="engine_failure", status=500)
             elif ev.kind == "finished":
                 ended(st, t0)
                 return ev.output
@@ -322,10 +342,14 @@ async def sse(st: ServerState, req, rid: str, q: asyncio.Queue, n_prompt: int, t
                     pending = 0
             elif ev.kind in ("finished", "error"):
                 done = True
-                if ev.kind == "error":
-                    yield w.error(ev.text_delta) + w.DONE
-                    return
                 out = ev.output
+                if ev.kind == "error" or out.error is not None:  # the text sent so far stays; the error ends it
+                    e = (RequestError(ev.text_delta, type="server_error", code="engine_failure", status=500)
+                         if ev.kind == "error" else failed(req, out.error))
+                    with st.metrics.lock:
+                        st.metrics.errors.inc(code=str(e.status))
+                    yield w.error(e.message, e.type, e.param, e.code) + w.DONE
+                    return
                 if out.text.startswith(streamed) and len(out.text) > len(streamed):
                     yield w.text(out.text[len(streamed):])  # bytes the decoder held back until the end
                 yield w.finish(out.finish_reason, extras(out))

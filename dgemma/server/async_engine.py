@@ -6,6 +6,11 @@ steps (requests join and leave between denoising steps: continuous batching) and
 one `loop.call_soon_threadsafe` call, which routes them into per-request `asyncio.Queue`s. The asyncio side alone
 touches `_streams`, so no lock is needed there.
 
+Failures: a request whose own step fails (its constraint hits a dead end, its detokenizer raises) is finished by
+the engine alone with finish_reason "error" (`RequestOutput.error`); the HTTP layer answers it with an error.
+Anything else that raises on the engine thread (a failed forward, a bug here) fails every request in flight with an
+"error" event (500) and the loop goes on serving: no client is left waiting, and /health stays ok.
+
 Admission control is here too: at most `max_num_seqs + max_waiting` requests are in flight; one more raises
 `QueueFullError` (the HTTP layer answers 503 + Retry-After) instead of letting the queue grow without bound.
 """
@@ -19,7 +24,8 @@ import threading
 import time
 
 from ..engine import Engine
-from ..outputs import StreamEvent
+from ..constraint import ConstraintError
+from ..outputs import Failure, RequestOutput, StreamEvent
 from ..sampling_params import SamplingParams
 from .memory import kv_usage
 from .metrics import ServerMetrics
@@ -45,6 +51,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         # engine thread only: submission times (queue-wait metric) and which requests held a slot last step
         self._submitted: dict[str, tuple[float, int]] = {}
+        self._held: set[str] = set()  # engine thread only: requests added and not yet answered (finished/error)
         self._stats = dict(engine.stats)
 
     # -- lifecycle (asyncio side) ------------------------------------------------------------------------------
@@ -110,6 +117,7 @@ class AsyncEngine:
             self.metrics.in_flight.set(len(self._streams))
 
     def _post(self, events: list[StreamEvent]) -> None:
+        self._held.difference_update(ev.request_id for ev in events if ev.kind in ("finished", "error"))
         try:
             self._loop.call_soon_threadsafe(self._dispatch, events)
         except RuntimeError:
@@ -117,38 +125,76 @@ class AsyncEngine:
 
     # -- the loop (engine thread) ------------------------------------------------------------------------------
     def _run(self) -> None:
-        eng = self.engine
         while True:
             try:
-                # Block only when idle; while requests run, take whatever arrived and step again.
-                cmd = self._cmds.get(timeout=1.0) if not eng.has_work() else self._cmds.get_nowait()
+                if self._turn():
+                    return
+            except Exception as e:  # a bug outside the step: fail what is in flight, keep the thread alive
+                log.exception("engine loop failed")
+                self._fail_all(f"engine failure: {e}")
+
+    def _turn(self) -> bool:
+        """Take the commands that arrived, then step once (or update the gauges when idle); True: stop."""
+        eng = self.engine
+        try:
+            # Block only when idle; while requests run, take whatever arrived and step again.
+            cmd = self._cmds.get(timeout=1.0) if not eng.has_work() else self._cmds.get_nowait()
+        except queue.Empty:
+            cmd = None
+        stop = False
+        while cmd is not None:
+            stop |= self._handle(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
             except queue.Empty:
                 cmd = None
-            stop = False
-            while cmd is not None:
-                stop |= self._handle(cmd)
-                try:
-                    cmd = self._cmds.get_nowait()
-                except queue.Empty:
-                    cmd = None
-            if stop:
-                return
-            if eng.has_work():
-                self._step()
-            else:
-                self._gauges()
+        if stop:
+            return True
+        if eng.has_work():
+            self._step()
+        else:
+            self._gauges()
+        return False
+
+    def _fail_all(self, message: str) -> None:
+        """End every request the engine holds with an "error" event (answered 500), freeing their slots. The
+        engine state of the failed step goes with them."""
+        eng = self.engine
+        # Also those that finished in the failed step: their events were lost with it.
+        ids = sorted(self._held | {s.id for s in eng.slots if s is not None} | {s.id for s in eng.waiting})
+        for rid in ids:
+            try:
+                eng.fail(rid, Failure("internal", message))
+            except Exception:  # pragma: no cover - _finish does only bookkeeping
+                log.exception("could not free request %s", rid)
+            self._submitted.pop(rid, None)
+        self._post([StreamEvent(rid, "error", text_delta=message) for rid in ids])
+        with self.metrics.lock:
+            self.metrics.finished.inc(len(ids), finish_reason="error")
 
     def _handle(self, cmd: tuple) -> bool:
         if cmd[0] == "stop":
             return True
         if cmd[0] == "abort":
-            self.engine.abort(cmd[1])
+            try:
+                self.engine.abort(cmd[1])
+            except Exception as e:  # e.g. its detokenizer fails on the flush: free it without one
+                log.exception("abort of %s failed", cmd[1])
+                self.engine.fail(cmd[1], Failure("internal", f"abort failed: {e}"))
             self._submitted.pop(cmd[1], None)
+            self._held.discard(cmd[1])
         elif cmd[0] == "add":
             _, rid, prompt, params, t0, images = cmd
             try:
                 self.engine.add_request(prompt, params, rid, images=images)
                 self._submitted[rid] = (t0, len(prompt))
+                self._held.add(rid)
+            except ConstraintError as e:  # its matcher could not be built for this tokenizer: the request's fault
+                out = RequestOutput(rid, prompt, finished=True, finish_reason="error",
+                                    error=Failure("constraint", str(e)))
+                self._post([StreamEvent(rid, "finished", output=out)])
+                with self.metrics.lock:
+                    self.metrics.finished.inc(finish_reason="error")
             except Exception as e:  # validated on the asyncio side already; this is a last line of defence
                 self._post([StreamEvent(rid, "error", text_delta=str(e))])
         return False
@@ -158,23 +204,24 @@ class AsyncEngine:
         t0 = time.perf_counter()
         try:
             events = eng.step()
-        except Exception as e:
-            # Fail every request in flight rather than hang them, and keep serving: the engine state of the
-            # failed step is discarded with them (abort frees every slot).
+        except Exception as e:  # not one request's failure (the engine ends those alone): fail them all
             log.exception("engine step failed")
-            ids = [s.id for s in eng.slots if s is not None] + [s.id for s in eng.waiting]
-            for rid in ids:
-                eng.abort(rid)
-                self._submitted.pop(rid, None)
-            self._post([StreamEvent(rid, "error", text_delta=f"engine failure: {e}") for rid in ids])
-            with self.metrics.lock:
-                self.metrics.finished.inc(len(ids), finish_reason="error")
+            self._fail_all(f"engine failure: {e}")
             return
-        dt = time.perf_counter() - t0
+        try:
+            self._account(events, time.perf_counter() - t0)
+        except Exception:  # the events still go out: a client must not wait on a metrics bug
+            log.exception("metrics update failed")
+        if events := [ev for ev in events if ev.kind != "admitted"]:
+            self._post(events)
+
+    def _account(self, events: list[StreamEvent], dt: float) -> None:
+        """The step's metrics, and the gauges (before the events go out: a client that saw its first event sees
+        itself running)."""
+        eng = self.engine
         now = time.monotonic()
         admitted = [ev.request_id for ev in events if ev.kind == "admitted" and ev.request_id in self._submitted]
         finished = [ev for ev in events if ev.kind == "finished"]
-        events = [ev for ev in events if ev.kind != "admitted"]
         stats, old = eng.stats, self._stats
         m = self.metrics
         with m.lock:
@@ -202,9 +249,7 @@ class AsyncEngine:
         self._stats = dict(stats)
         for rid in admitted:
             self._submitted.pop(rid, None)
-        self._gauges()  # before the events go out: a client that saw its first event sees itself running
-        if events:
-            self._post(events)
+        self._gauges()
 
     def _gauges(self) -> None:
         with self.metrics.lock:

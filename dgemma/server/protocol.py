@@ -403,7 +403,7 @@ class StreamWriter:
         return self._sse([], object="dgemma.draft", dgemma=info)
 
     @staticmethod
-    def error(message: str) -> bytes:
-        return b"data: " + json.dumps(error_body(message, "server_error")).encode() + b"\n\n"
+    def error(message: str, type: str = "server_error", param: str | None = None, code: str | None = None) -> bytes:
+        return b"data: " + json.dumps(error_body(message, type, param, code)).encode() + b"\n\n"
 
     DONE = b"data: [DONE]\n\n"

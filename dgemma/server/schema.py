@@ -50,7 +50,7 @@ def route_docs(request_model: type[BaseModel]) -> dict[str, Any]:
     success = {"model": Response, "description": "the completion; with `stream: true` server-sent events "
                "(`data: {chunk}` lines, then `data: [DONE]`)",
                "content": {"text/event-stream": {"schema": SSE_EVENT}}}
-    errors = {code: ERROR for code in (400, 401, 404, 413, 415, 500, 503)}
+    errors = {code: ERROR for code in (400, 401, 404, 413, 415, 422, 500, 503)}
     return {"openapi_extra": {"requestBody": body}, "responses": {200: success, **errors}}
 
 
