@@ -22,28 +22,30 @@ checkpoints (`torch.distributed.checkpoint`).
 
 Every rank must run the same sequence of forwards (each one all-gathers): the objective and the evaluation run in
 lockstep under FSDP (objective.loss_parts / evaluation.evaluate, `lockstep=True`).
+
+torch.distributed's FSDP and checkpoint packages are imported where used: they take seconds to import, and the
+unsharded trainer never needs them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..model import DiffusionGemma
 from .lora import LoRAConfig, apply_lora
 
 SHARDED = "sharded"  # the checkpoint's sub-folder of per-rank safetensors shards
+# The root returns its hidden states as views of one packed tensor; FSDP warns that an in-place op on such a view
+# would skip its backward hook. The objective never writes into them.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDiffusionGemma\) returned a view tensor")
 MODEL, OPTIMIZER = "model.", "optimizer."  # key prefixes in the shards
 
 
@@ -66,6 +68,8 @@ def shard(model: DiffusionGemma, param_dtype: torch.dtype | None = None, device_
           reshard_after_forward: bool = True) -> None:
     """Apply FSDP2 in place over all ranks of the default process group: one unit per layer, then the root (see the
     module docstring). Each unit moves to the device (the current CUDA device, or the CPU) as it is sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     ignored = set()
     if getattr(model, "vision", None) is not None:
@@ -78,34 +82,43 @@ def shard(model: DiffusionGemma, param_dtype: torch.dtype | None = None, device_
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     for method in ("logits", "soft_embed"):
         register_fsdp_forward_method(model, method)
+    # FSDP hooks a unit's gradient reduction onto its inputs' gradients. With a frozen embedding (LoRA) the first
+    # layer's input would need a gradient only on a rank whose batch ran the self-conditioning MLP (trainable
+    # adapters): the ranks would then reduce in different orders. Embeddings that always need a gradient keep them
+    # in step.
+    model.embed_tokens.register_forward_hook(_needs_grad)
     for module in [model, *model.layers]:
         module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
         module.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global counts
     model.set_reduce_scatter_unused_params(True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
+def _needs_grad(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and not out.requires_grad:
+        out.requires_grad_(True)
+    return out
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """The global gradient norm (over every rank's shards), and the gradients scaled to `max_norm` if above it."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
-    if isinstance(total, DTensor):
+    if hasattr(total, "full_tensor"):  # a DTensor: the norm of every rank's shards
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
 
 
 # MARK: sharded checkpoints
-def _options(lora: bool) -> StateDictOptions:
-    return StateDictOptions(ignore_frozen_params=lora)  # LoRA: the adapter only
+def _options(lora: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=lora)  # LoRA: the adapter only (and the buffers)
 
 
 def _flat(model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> dict[str, torch.Tensor]:
     """Model and optimiser state as one flat dict of (sharded) tensors, keyed by parameter name; the optimiser's
     hyper-parameters are not tensors and travel in trainer_state.json."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     msd, osd = get_state_dict(model, optimizer, options=_options(lora))
     flat = {MODEL + k: v for k, v in msd.items()}
     for fqn, state in osd["state"].items():
@@ -116,6 +129,7 @@ def _flat(model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> dic
 
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> None:
     """Every rank writes its shards into `path/sharded/` (collective)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     dcp.save(_flat(model, optimizer, lora),
              storage_writer=HuggingFaceStorageWriter(str(path / SHARDED), save_distributed=True))
@@ -134,7 +148,6 @@ def check_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     for f in files:  # a truncated file: its header promises more bytes than it has
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            import json
             header = json.loads(fh.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if f.stat().st_size < 8 + n + end:
@@ -155,7 +168,9 @@ def check_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> None:
     """Load `path/sharded/` into the model and optimiser in place, each rank reading its own slices (collective
     under FSDP; works on a single unsharded process too). The optimiser's hyper-parameters are the caller's."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     flat = _flat(model, optimizer, lora)
     dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / SHARDED)), no_dist=not dist.is_initialized())
     msd, osd = get_state_dict(model, optimizer, options=_options(lora))
@@ -169,6 +184,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 # MARK: export
 def gather_full(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict on rank 0's CPU; {} on the other ranks (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
