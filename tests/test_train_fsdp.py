@@ -92,6 +92,11 @@ def _full(rank, out, kill_at=None, **kw):
     except Killed:
         return
     tr.export()
+    local = {"params": sum(p.to_local().numel() for p in tr.params),
+             "grads": sum(p.grad.to_local().numel() for p in tr.params if p.grad is not None),
+             "adam": sum(v.to_local().numel() for st in tr.optimizer.state.values() for k, v in st.items()
+                         if k != "step")}
+    Path(out, f"held-rank{rank}.json").write_text(json.dumps(local))
 
 
 def _lora(rank, out):
@@ -141,6 +146,18 @@ def test_two_fsdp_ranks_give_the_single_process_loss_curve(runs):
     ckpt = runs / "fsdp/checkpoints/step-00000020"
     assert sorted(p.name for p in ckpt.iterdir()) == ["rng.safetensors", "sharded", "trainer_state.json"]
     assert len(list((ckpt / "sharded").glob("*.safetensors"))) == 2
+
+
+def test_each_rank_holds_the_share_the_memory_plan_counts(runs):
+    from dgemma.train.train_memory import estimate
+    plan = estimate(fresh().config, ranks=2)
+    assert plan.trainable == sum(p.numel() for p in fresh().parameters()) and plan.frozen == 0
+    for rank in (0, 1):
+        held = json.loads((runs / f"fsdp/held-rank{rank}.json").read_text())
+        assert held["grads"] == held["params"] and held["adam"] == 2 * held["params"]
+        # fp32 parameters, gradients and two AdamW moments: 16 bytes per parameter, half of them on each rank
+        # (FSDP pads each tensor's dim 0 to a multiple of 2: a few rows more or less per rank)
+        assert abs(16 * held["params"] - plan.sharded_bytes) <= 0.01 * plan.sharded_bytes
 
 
 def test_fsdp_export_loads_in_dgemma_and_equals_the_single_process_export(runs):

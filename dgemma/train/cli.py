@@ -4,6 +4,7 @@
     dgemma train --init-from default --lora-rank 8 --data text:data/tinyshakespeare.txt --val-fraction 0.05 \
         --eval-every 10 --steps 50 --out runs/lora
     dgemma train plot runs/lora                       # runs/lora/loss.png (needs the `plot` extra)
+    dgemma train plan google/diffusiongemma-26B-A4B-it  # per-rank memory of FSDP training at N ranks
     torchrun --nproc-per-node 2 -m dgemma.train.cli --init-from ckpt/ --lora-rank 8 --data text:c.txt ...
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         -m dgemma.train.cli --parallel fsdp --init-from ckpt/ --data text:c.txt ...   # FSDP2, on every node
@@ -54,7 +55,8 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dgemma train", description=__doc__.split("\n")[0], formatter_class=DefaultsHelp,
-               epilog="`dgemma train plot RUN` draws a run's loss curves.")
+               epilog="`dgemma train plot RUN` draws a run's loss curves; `dgemma train plan MODEL` gives the "
+               "per-rank memory of FSDP training.")
     # Numbers such as -1e-3 are values, not flags (argparse only knows -1 and -.5): `--lr -1e-3` reaches the
     # check that rejects it by name instead of "expected one argument".
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.?\d+(?:[eE][-+]?\d+)?$")
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plot"]:
         from .plot import main as plot_main
         return plot_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .train_memory import main as plan_main
+        return plan_main(argv[1:])
     rank = int(os.environ.get("RANK", "0"))
     try:
         return _main(argv)
