@@ -125,8 +125,9 @@ JOBS = {"full": _full, "lora": _lora, "bf16": _bf16}
 def runs(tmp_path_factory):
     """One uninterrupted FSDP run (2 ranks x 2 examples) and one single process on the same global batch of 4."""
     root = tmp_path_factory.mktemp("fsdp")
-    spawn("full", out=str(root / "fsdp"))
-    single = Trainer(fresh(), random_source, run_cfg(batch_size=4), root / "single", val_source=val_source)
+    spawn("full", out=str(root / "fsdp"), save_every=10)
+    single = Trainer(fresh(), random_source, run_cfg(batch_size=4, save_every=10), root / "single",
+                     val_source=val_source)
     single.train()
     single.export()
     return root
@@ -246,9 +247,15 @@ def test_bf16_mixed_precision_computes_in_bf16_over_fp32_master_shards(runs, tmp
     assert got[0]["loss"] != fp32[0]["loss"]  # and it really ran in bf16
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
-    a = Trainer(fresh(), random_source, cfg(steps=3), tmp_path / "a").train()
-    b = Trainer(fresh(), random_source, cfg(steps=3, activation_checkpointing=True), tmp_path / "b").train()
+def test_activation_checkpointing_recomputes_each_layer_and_changes_nothing_else(tmp_path):
+    def run(**kw):
+        model, calls = fresh(), []
+        model.layers[1].mlp.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+        records = Trainer(model, random_source, cfg(steps=3, self_cond_prob=0.0, **kw), tmp_path / str(kw)).train()
+        return records, calls
+    (a, plain), (b, checkpointed) = run(), run(activation_checkpointing=True)
+    assert plain == [True] * 3  # one forward per step
+    assert checkpointed == [True] * 6  # and one more in each backward: the recompute
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
 
@@ -258,6 +265,26 @@ def test_fsdp_needs_a_process_group_and_mixed_precision_needs_fsdp(tmp_path):
         Trainer(fresh(), random_source, cfg(parallel="fsdp"), tmp_path)
     with pytest.raises(ValueError, match="fsdp"):
         cfg(param_dtype="bfloat16")
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of this process alone (FSDP with N = 1), removed afterwards."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp_on_one_rank_matches_the_plain_trainer_and_refuses_a_ddp_checkpoint(one_rank, tmp_path):
+    plain = Trainer(fresh(), random_source, cfg(steps=3, save_every=2), tmp_path / "plain").train()
+    sharded = Trainer(fresh(), random_source, cfg(steps=3, parallel="fsdp"), tmp_path / "fsdp").train()
+    for a, b in zip(plain, sharded):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    # the unsharded run's checkpoints cannot seed a sharded resume: a clear error, not a silent fallback or restart
+    with pytest.raises(ValueError, match="written by the unsharded trainer.*--parallel ddp"):
+        Trainer(fresh(), random_source, cfg(steps=4, parallel="fsdp"), tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain/checkpoints").glob("step-*")) == ["step-00000002",
+                                                                                        "step-00000003"]
 
 
 def test_torchrun_launches_fsdp_from_the_command_line_and_resumes(corpus, tmp_path):  # noqa: F811
