@@ -24,7 +24,11 @@ from test_trainer import cfg, fresh, random_source
 from dgemma import checkpoint
 from dgemma.train import LoRAConfig, Trainer
 
+pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module"),  # fsdp.py: the objective writes no view
+              pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]  # DCP loading on one process
+
 STEPS, LR = 20, 1e-3
+SEEDS = (1, 2)  # more runs for the loss-curve comparison, besides seed 0
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,9 +83,13 @@ class Killed(Exception):
     pass
 
 
-def _full(rank, out, kill_at=None, **kw):
+def _full(rank, out, kill_at=None, seeds=(), **kw):
     """An FSDP run of run_cfg(); `kill_at`: both ranks stop dead after that step (no final checkpoint, no export).
-    Rank 1 starts from other weights: the trainer must broadcast rank 0's before sharding."""
+    Rank 1 starts from other weights: the trainer must broadcast rank 0's before sharding. `seeds`: then more runs
+    (other initial weights, data windows and noise), without validation, into out/seed-S."""
+    for seed in seeds:
+        Trainer(fresh(seed=seed + rank), random_source, run_cfg(parallel="fsdp", seed=seed, save_every=0,
+                                                                eval_every=0), Path(out, f"seed-{seed}")).train()
     def hook(trainer, rec):
         if rec["step"] == kill_at:
             raise Killed
@@ -125,11 +133,14 @@ JOBS = {"full": _full, "lora": _lora, "bf16": _bf16}
 def runs(tmp_path_factory):
     """One uninterrupted FSDP run (2 ranks x 2 examples) and one single process on the same global batch of 4."""
     root = tmp_path_factory.mktemp("fsdp")
-    spawn("full", out=str(root / "fsdp"), save_every=10)
+    spawn("full", out=str(root / "fsdp"), save_every=10, seeds=SEEDS)
     single = Trainer(fresh(), random_source, run_cfg(batch_size=4, save_every=10), root / "single",
                      val_source=val_source)
     single.train()
     single.export()
+    for seed in SEEDS:
+        Trainer(fresh(seed=seed), random_source, run_cfg(batch_size=4, seed=seed, save_every=0, eval_every=0),
+                root / f"single/seed-{seed}").train()
     return root
 
 
@@ -137,6 +148,10 @@ def test_two_fsdp_ranks_give_the_single_process_loss_curve(runs):
     f, s = losses(runs / "fsdp"), losses(runs / "single")
     assert [x["step"] for x in f] == [x["step"] for x in s] == list(range(1, STEPS + 1))
     assert [x["examples"] for x in f] == [x["examples"] for x in s]
+    for seed in SEEDS:  # three initial weights, data windows and noise draws in all
+        fs, ss = losses(runs / f"fsdp/seed-{seed}"), losses(runs / f"single/seed-{seed}")
+        assert len(fs) == len(ss) == STEPS and fs[0]["loss"] != f[0]["loss"]
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fs, ss)) <= 1e-4
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(f, s))
     assert diff <= 1e-4, diff
     for a, b in zip(f, s):

@@ -314,8 +314,15 @@ class Trainer:
             parts.total(obj, dec_norm, enc_norm).backward()
             sums += torch.stack([parts.decoder_sum.detach().double(), parts.encoder_sum.detach().double(),
                                  batch.lengths.sum().double()])
+        # Every trainable parameter steps with a gradient, zeros where no example reached it (the self-conditioning
+        # MLP in a batch with no self-conditioned row): AdamW skips a parameter whose gradient is None, so with a
+        # None the update would depend on how the batch is split over ranks (FSDP and DDP reduce zeros).
         if self.world > 1 and not self.fsdp:  # FSDP reduce-scattered them during the backward
             self._all_reduce_grads()
+        elif not self.fsdp:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         sums = self._all_sum(sums)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         if self.fsdp:
