@@ -64,6 +64,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(a.to(dev, dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
         self.scale = scale
+        base.weight = None  # this module owns it now (under FSDP a second reference would keep it whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return type(self._base[0]).forward(self, x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
