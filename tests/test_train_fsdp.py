@@ -27,7 +27,7 @@ from dgemma.train import LoRAConfig, Trainer
 pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module"),  # fsdp.py: the objective writes no view
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]  # DCP loading on one process
 
-STEPS, LR = 20, 1e-3
+STEPS, LR = 20, 3e-4  # at 1e-3 the tiny MoE is chaotic: any two batch layouts drift apart (docs/training.md)
 SEEDS = (1, 2)  # more runs for the loss-curve comparison, besides seed 0
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_two_fsdp_ranks_give_the_single_process_loss_curve(runs):
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(f, s))
     assert diff <= 1e-4, diff
     for a, b in zip(f, s):
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-4)  # measured: 5.5e-5
     vals = [(a["val_loss"], b["val_loss"]) for a, b in zip(f, s) if "val_loss" in a]
     assert len(vals) == 2 and all(abs(a - b) <= 1e-4 for a, b in vals)
     # the checkpoint is sharded: one safetensors file per rank, no full copy of the model
@@ -182,7 +182,7 @@ def test_fsdp_export_loads_in_dgemma_and_equals_the_single_process_export(runs):
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     worst = max(float((sa[k] - sb[k]).abs().max()) for k in sb)
-    assert worst <= 1e-3, worst  # 20 Adam steps of lr 1e-3 from gradients equal to ~1e-6
+    assert worst <= 1e-4, worst  # 20 Adam steps from gradients equal to ~1e-6 (measured: 9.7e-6)
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     from dgemma.train.objective import run
     with torch.no_grad():
@@ -242,13 +242,13 @@ def test_lora_under_fsdp_matches_one_process_and_exports_the_adapter(tmp_path):
     b = read_adapter(tmp_path / "single/final/adapter", LoRAConfig(rank=4))
     assert a.keys() == b.keys() and any(float(t.abs().max()) > 0 for k, t in a.items() if k.endswith("lora_B"))
     # Adam's first steps move each entry by about lr whatever its gradient's size, so an entry whose gradient is
-    # ~0 may move either way: 1e-3 = lr bounds that (measured: 1.2e-4 worst)
+    # ~0 may move either way: lr bounds that (measured: 4.9e-5)
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=LR)
     merged_a = checkpoint.load(tmp_path / "fsdp/final").model.state_dict()
     merged_b = checkpoint.load(tmp_path / "single/final").model.state_dict()
     for k in merged_b:
-        torch.testing.assert_close(merged_a[k], merged_b[k], rtol=0, atol=1e-3)
+        torch.testing.assert_close(merged_a[k], merged_b[k], rtol=0, atol=1e-4)  # measured: 2.9e-6
 
 
 def test_bf16_mixed_precision_computes_in_bf16_over_fp32_master_shards(runs, tmp_path):
@@ -257,7 +257,7 @@ def test_bf16_mixed_precision_computes_in_bf16_over_fp32_master_shards(runs, tmp
     assert dtypes == {"compute": ["torch.bfloat16"], "master": ["torch.float32"]}
     got, fp32 = losses(tmp_path), losses(runs / "fsdp")[:4]
     # Steps 1 and 2 start from the same weights as the fp32 run's (its schedule differs from step 3 on). bf16
-    # keeps ~3 significant digits and flips a few near-tie expert choices: measured 0.6% and 1.5%.
+    # keeps ~3 significant digits and flips a few near-tie expert choices: measured 0.5% and 1.2%.
     assert all(abs(a["loss"] - b["loss"]) < 0.03 * b["loss"] for a, b in zip(got[:2], fp32[:2]))
     assert got[0]["loss"] != fp32[0]["loss"]  # and it really ran in bf16
 
