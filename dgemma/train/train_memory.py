@@ -58,7 +58,8 @@ def _units(model) -> list[tuple[int, int]]:
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     layer_ids = {id(p) for layer in model.layers for p in layer.parameters()}
     units = [count(layer.parameters()) for layer in model.layers]
-    units.append(count(p for n, p in model.named_parameters() if id(p) not in layer_ids and not n.startswith("vision.")))
+    root = (p for n, p in model.named_parameters() if id(p) not in layer_ids and not n.startswith("vision."))
+    units.append(count(root))
     return units
 
 
