@@ -275,11 +275,19 @@ def test_activation_checkpointing_recomputes_each_layer_and_changes_nothing_else
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
 
 
-def test_fsdp_needs_a_process_group_and_mixed_precision_needs_fsdp(tmp_path):
+def test_fsdp_needs_a_process_group_and_mixed_precision_needs_fsdp(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
     with pytest.raises(ValueError, match="torchrun"):
         Trainer(fresh(), random_source, cfg(parallel="fsdp"), tmp_path)
     with pytest.raises(ValueError, match="fsdp"):
         cfg(param_dtype="bfloat16")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from dgemma.train.cli import main
+    for extra, message in ((["--parallel", "fsdp"], "torchrun --nproc-per-node N"),
+                           (["--param-dtype", "bfloat16"], "needs --parallel fsdp")):
+        assert main(base_args(corpus, tmp_path / "cli", 2, *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cli").exists()  # refused before anything was written
 
 
 @pytest.fixture
