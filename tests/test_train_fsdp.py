@@ -108,8 +108,14 @@ def _full(rank, out, kill_at=None, seeds=(), **kw):
 
 
 def _lora(rank, out):
-    tr = Trainer(fresh(), random_source, run_cfg(parallel="fsdp", steps=8, save_every=4), out,
-                 lora=LoRAConfig(rank=4), val_source=val_source, init_from="base")
+    """Rank 1 brings the model built on the meta device, as the CLI does: rank 0's weights arrive as FSDP shards."""
+    model = fresh()
+    if rank == 1:
+        from dgemma.model import DiffusionGemma
+        with torch.device("meta"):
+            model = DiffusionGemma(model.config)
+    tr = Trainer(model, random_source, run_cfg(parallel="fsdp", steps=8, save_every=4), out,
+                 lora=LoRAConfig(rank=4), val_source=val_source, init_from="base", device="cpu")
     tr.train()
     tr.export()
 

@@ -170,14 +170,27 @@ def _resolve_init(init_from: str | None) -> Path | None:
     return checkpoint.resolve(init_from).resolve()
 
 
-def _model_of_run(out: Path) -> DiffusionGemma:
+def _skeleton(init_path: Path) -> DiffusionGemma:
+    """A checkpoint's model on the meta device, vision tower included, no weight read."""
+    config = ModelConfig.from_file(init_path / "config.json")
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+        vision = checkpoint._vision_for(config, checkpoint.weight_files(init_path))
+        if vision is not None:
+            model.vision = vision
+    return model
+
+
+def _model_of_run(out: Path, meta: bool = False) -> DiffusionGemma:
     """The model of a from-scratch run's newest readable checkpoint (its weights are then loaded by the Trainer).
-    A sharded (FSDP) checkpoint holds no config.json: the architecture comes from its trainer_state.json."""
+    A sharded (FSDP) checkpoint holds no config.json: the architecture comes from its trainer_state.json (built
+    on the meta device with `meta`: an FSDP rank other than 0)."""
     for path in RunFolder(out).candidates():
         try:
             if (path / "sharded").is_dir():
                 state = json.loads((path / "trainer_state.json").read_text())
-                return DiffusionGemma(ModelConfig.from_dict(state["identity"]["model"], source=str(path)))
+                with torch.device("meta" if meta else "cpu"):
+                    return DiffusionGemma(ModelConfig.from_dict(state["identity"]["model"], source=str(path)))
             return checkpoint.load(path / "model", dtype=torch.float32).model
         except (OSError, ValueError, KeyError):
             continue
@@ -289,14 +302,22 @@ def _main(argv: list[str]) -> int:
     rank, _ = setup_distributed()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     generation = passthrough = None
+    skeleton = args.parallel == "fsdp" and rank > 0  # rank 0's weights reach it by broadcast as FSDP shards them
     if init_path is not None:
-        ck = checkpoint.load(init_path, dtype=torch.float32)
-        model, generation, passthrough = ck.model, ck.generation, ck.passthrough
+        if skeleton:
+            model = _skeleton(init_path)
+        else:
+            ck = checkpoint.load(init_path, dtype=torch.float32)
+            model, generation, passthrough = ck.model, ck.generation, ck.passthrough
     elif model_config is not None:
-        model = DiffusionGemma(model_config)
-        model.init_weights(generator=torch.Generator().manual_seed(args.seed))
+        if skeleton:
+            with torch.device("meta"):
+                model = DiffusionGemma(model_config)
+        else:
+            model = DiffusionGemma(model_config)
+            model.init_weights(generator=torch.Generator().manual_seed(args.seed))
     elif saved and saved.get("lora") is None:  # resuming a from-scratch run: the architecture is in its checkpoint
-        model = _model_of_run(out)
+        model = _model_of_run(out, meta=skeleton)
     else:
         raise ValueError("give --config (from scratch) or --init-from (fine-tune)")
     if args.canvas_length:

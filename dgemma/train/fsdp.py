@@ -64,13 +64,35 @@ def checkpoint_layers(model: DiffusionGemma) -> None:
 
 
 # MARK: sharding
-def shard(model: DiffusionGemma, param_dtype: torch.dtype | None = None, device_type: str = "cpu",
-          reshard_after_forward: bool = True) -> None:
+def broadcast_from_rank0(module: nn.Module, device: torch.device, skip: tuple[nn.Module, ...] = ()) -> None:
+    """Give every rank rank 0's values of `module`'s parameters and buffers, one tensor at a time through `device`
+    (nccl broadcasts device memory); a rank that built the module on the meta device gets real CPU tensors first.
+    Submodules in `skip` (already sharded) are left alone."""
+    skipped = {id(t) for m in skip for t in [*m.parameters(), *m.buffers()]}
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is None or id(t) in skipped:
+                    continue
+                if t.is_meta:
+                    real = torch.empty_like(t, device="cpu")
+                    t = table[name] = nn.Parameter(real, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else real
+                buf = t.data.to(device)
+                dist.broadcast(buf, 0)
+                if buf is not t.data:
+                    t.data.copy_(buf)
+
+
+def shard(model: DiffusionGemma, param_dtype: torch.dtype | None = None,
+          device: torch.device = torch.device("cpu"), reshard_after_forward: bool = True) -> None:
     """Apply FSDP2 in place over all ranks of the default process group: one unit per layer, then the root (see the
-    module docstring). Each unit moves to the device (the current CUDA device, or the CPU) as it is sharded."""
+    module docstring). Each unit takes rank 0's values and moves to the device (the current CUDA device, or the
+    CPU) as it is sharded, so the full model never sits on one device, and ranks other than 0 may bring a model
+    built on the meta device: host memory then holds one full copy per node, rank 0's, not one per rank."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     ignored = set()
     if getattr(model, "vision", None) is not None:
         for p in model.vision.parameters():
@@ -78,7 +100,9 @@ def shard(model: DiffusionGemma, param_dtype: torch.dtype | None = None, device_
             ignored.add(p)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in model.layers:
+        broadcast_from_rank0(layer, device)
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    broadcast_from_rank0(model, device, skip=tuple(model.layers))
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     for method in ("logits", "soft_embed"):
         register_fsdp_forward_method(model, method)

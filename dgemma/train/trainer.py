@@ -190,18 +190,16 @@ class Trainer:
         else:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(not (cfg.freeze_router and ".router." in f".{name}"))
-        if self.world > 1:  # every rank starts from rank 0's weights, whatever each one loaded or initialised
-            for t in list(self.model.parameters()) + list(self.model.buffers()):
-                buf = t.data.to(self.device)  # one tensor at a time on the device (nccl broadcasts device memory)
-                dist.broadcast(buf, 0)
-                if buf is not t.data:
-                    t.data.copy_(buf)
         if cfg.activation_checkpointing:
             fsdp.checkpoint_layers(self.model)
+        # Every rank starts from rank 0's weights, whatever each one loaded or initialised. Under FSDP that happens
+        # unit by unit as it shards, so the other ranks may bring a model built on the meta device (the CLI does).
         if self.fsdp:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            fsdp.shard(self.model, PARAM_DTYPES[cfg.param_dtype], self.device.type)
+            fsdp.shard(self.model, PARAM_DTYPES[cfg.param_dtype], self.device)
+        elif self.world > 1:
+            fsdp.broadcast_from_rank0(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         other = [p for p in self.params if p.ndim < 2]
