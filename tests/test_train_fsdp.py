@@ -281,6 +281,20 @@ def test_activation_checkpointing_recomputes_each_layer_and_changes_nothing_else
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
 
 
+def test_a_parameter_no_example_reached_steps_with_a_zero_gradient_as_on_any_number_of_ranks(tmp_path):
+    """With a None gradient AdamW would skip the self-conditioning MLP in a step without self-conditioned rows, while
+    DDP and FSDP (which reduce zeros) move it by its momentum: the curves split (seed 2 above, by 0.07)."""
+    tr = Trainer(fresh(), random_source, cfg(steps=2, self_cond_prob=0.0), tmp_path)
+    sc = {n: p.detach().clone() for n, p in tr.model.self_conditioning.named_parameters()}
+    tr.train_step()
+    grads = {n: p.grad for n, p in tr.model.self_conditioning.named_parameters()}
+    assert all(g is not None and not g.any() for g in grads.values())
+    assert tr.optimizer.state[tr.model.self_conditioning.gate_proj.weight]["step"] == 1
+    # weight decay alone moves the matrices (lr * wd); nothing else does with zero moments
+    for n, p in tr.model.self_conditioning.named_parameters():
+        assert torch.equal(p.detach(), sc[n]) or p.ndim == 2, n
+
+
 def test_fsdp_needs_a_process_group_and_mixed_precision_needs_fsdp(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
     with pytest.raises(ValueError, match="torchrun"):
         Trainer(fresh(), random_source, cfg(parallel="fsdp"), tmp_path)
