@@ -1,4 +1,5 @@
-"""Training toolkit: the block-diffusion objective, example sources, LoRA, and a resumable data-parallel trainer.
+"""Training toolkit: the block-diffusion objective, example sources, LoRA, and a resumable data-parallel trainer
+(DDP, or FSDP2 with sharded checkpoints: fsdp.py; `dgemma train plan` sizes it: train_memory.py).
 
     from dgemma.train import Trainer, TrainConfig, TextCorpusSource
     trainer = Trainer(model, source, TrainConfig(steps=1000, batch_size=16), "runs/a")

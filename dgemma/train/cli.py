@@ -4,7 +4,10 @@
     dgemma train --init-from default --lora-rank 8 --data text:data/tinyshakespeare.txt --val-fraction 0.05 \
         --eval-every 10 --steps 50 --out runs/lora
     dgemma train plot runs/lora                       # runs/lora/loss.png (needs the `plot` extra)
+    dgemma train plan google/diffusiongemma-26B-A4B-it  # per-rank memory of FSDP training at N ranks
     torchrun --nproc-per-node 2 -m dgemma.train.cli --init-from ckpt/ --lora-rank 8 --data text:c.txt ...
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m dgemma.train.cli --parallel fsdp --init-from ckpt/ --data text:c.txt ...   # FSDP2, on every node
 
 The run folder gets `metrics.jsonl`, `checkpoints/step-N/` (resumed automatically when present, unless
 `--no-resume`, which moves the old run aside) and, at the end, `final/`: an HF-layout checkpoint (LoRA merged) with
@@ -52,7 +55,8 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dgemma train", description=__doc__.split("\n")[0], formatter_class=DefaultsHelp,
-               epilog="`dgemma train plot RUN` draws a run's loss curves.")
+               epilog="`dgemma train plot RUN` draws a run's loss curves; `dgemma train plan MODEL` gives the "
+               "per-rank memory of FSDP training.")
     # Numbers such as -1e-3 are values, not flags (argparse only knows -1 and -.5): `--lr -1e-3` reaches the
     # check that rejects it by name instead of "expected one argument".
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.?\d+(?:[eE][-+]?\d+)?$")
@@ -103,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda:LOCAL_RANK if available)")
     r.add_argument("--export-dtype", default="auto", help="dtype of final/: auto (as trained), bfloat16, float32")
     r.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    m = p.add_argument_group("parallelism and memory (under torchrun)")
+    m.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: a full replica per rank; fsdp: parameters, gradients and AdamW state sharded (FSDP2)")
+    m.add_argument("--param-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="FSDP compute dtype (fp32 master weights and reductions); auto: bfloat16 on CUDA, else float32")
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in the backward instead of keeping its activations")
     return p
 
 
@@ -159,14 +170,42 @@ def _resolve_init(init_from: str | None) -> Path | None:
     return checkpoint.resolve(init_from).resolve()
 
 
-def _model_of_run(out: Path) -> DiffusionGemma:
-    """The model of a from-scratch run's newest readable checkpoint (its weights are then loaded by the Trainer)."""
+def _skeleton(init_path: Path) -> DiffusionGemma:
+    """A checkpoint's model on the meta device, vision tower included, no weight read."""
+    config = ModelConfig.from_file(init_path / "config.json")
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+        vision = checkpoint._vision_for(config, checkpoint.weight_files(init_path))
+        if vision is not None:
+            model.vision = vision
+    return model
+
+
+def _model_of_run(out: Path, meta: bool = False) -> DiffusionGemma:
+    """The model of a from-scratch run's newest readable checkpoint (its weights are then loaded by the Trainer).
+    A sharded (FSDP) checkpoint holds no config.json: the architecture comes from its trainer_state.json (built
+    on the meta device with `meta`: an FSDP rank other than 0)."""
     for path in RunFolder(out).candidates():
         try:
+            if (path / "sharded").is_dir():
+                state = json.loads((path / "trainer_state.json").read_text())
+                with torch.device("meta" if meta else "cpu"):
+                    return DiffusionGemma(ModelConfig.from_dict(state["identity"]["model"], source=str(path)))
             return checkpoint.load(path / "model", dtype=torch.float32).model
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             continue
     raise ValueError(f"{out}: no readable checkpoint to resume; give --config or --init-from")
+
+
+def _param_dtype(args) -> str | None:
+    """FSDP's compute dtype: None (fp32, no cast) unless bf16 is asked for, or auto on CUDA."""
+    if args.parallel != "fsdp":
+        if args.param_dtype not in ("auto", "float32"):
+            raise ValueError(f"--param-dtype {args.param_dtype} needs --parallel fsdp (ddp autocasts to bf16 on CUDA)")
+        return None
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    want = "bfloat16" if args.param_dtype == "auto" and cuda else args.param_dtype
+    return None if want in ("auto", "float32") else want
 
 
 def _warnings(args, cfg: TrainConfig) -> list[str]:
@@ -189,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plot"]:
         from .plot import main as plot_main
         return plot_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .train_memory import main as plan_main
+        return plan_main(argv[1:])
     rank = int(os.environ.get("RANK", "0"))
     try:
         return _main(argv)
@@ -208,7 +250,8 @@ def _main(argv: list[str]) -> int:
         save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         val_examples=args.val_examples, keep_best=args.keep_best, seed=args.seed,
         self_cond_prob=args.self_cond_prob, require_eos=not args.no_eos_canvas, freeze_router=args.freeze_router,
-        progress=not args.no_progress, report_to=tuple(dict.fromkeys(args.report_to)))
+        progress=not args.no_progress, report_to=tuple(dict.fromkeys(args.report_to)), parallel=args.parallel,
+        param_dtype=_param_dtype(args), activation_checkpointing=args.activation_checkpointing)
     if not 0.0 <= args.self_cond_prob <= 1.0:
         raise ValueError(f"--self-cond-prob must be in [0, 1], got {args.self_cond_prob}")
     if args.lora_rank < 0:
@@ -220,6 +263,9 @@ def _main(argv: list[str]) -> int:
         raise ValueError("give --val-data or --val-fraction, not both")
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel fsdp runs under torchrun: torchrun --nproc-per-node N -m dgemma.train.cli ... "
+                         "(N = 1 works)")
     if args.keep_best and not (args.val_data or args.val_fraction):
         raise ValueError("--keep-best needs validation: --val-data or --val-fraction")
     if cfg.report_to and importlib.util.find_spec("tensorboard") is None:
@@ -256,14 +302,22 @@ def _main(argv: list[str]) -> int:
     rank, _ = setup_distributed()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     generation = passthrough = None
+    skeleton = args.parallel == "fsdp" and rank > 0  # rank 0's weights reach it by broadcast as FSDP shards them
     if init_path is not None:
-        ck = checkpoint.load(init_path, dtype=torch.float32)
-        model, generation, passthrough = ck.model, ck.generation, ck.passthrough
+        if skeleton:
+            model = _skeleton(init_path)
+        else:
+            ck = checkpoint.load(init_path, dtype=torch.float32)
+            model, generation, passthrough = ck.model, ck.generation, ck.passthrough
     elif model_config is not None:
-        model = DiffusionGemma(model_config)
-        model.init_weights(generator=torch.Generator().manual_seed(args.seed))
+        if skeleton:
+            with torch.device("meta"):
+                model = DiffusionGemma(model_config)
+        else:
+            model = DiffusionGemma(model_config)
+            model.init_weights(generator=torch.Generator().manual_seed(args.seed))
     elif saved and saved.get("lora") is None:  # resuming a from-scratch run: the architecture is in its checkpoint
-        model = _model_of_run(out)
+        model = _model_of_run(out, meta=skeleton)
     else:
         raise ValueError("give --config (from scratch) or --init-from (fine-tune)")
     if args.canvas_length:

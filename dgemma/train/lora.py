@@ -5,7 +5,9 @@ names must stay those of the HF layout, experts are 3-D parameters (not nn.Linea
 layer. `apply_lora` swaps each targeted `nn.Linear` for a `LoRALinear` that *shares* the original weight (so base
 tensors keep their names, under `<name>.weight`) and adds `lora_A` [r, in] / `lora_B` [out, r];
 `y = x W^T + (x A^T B^T) * alpha / r`, peft's own formula. B starts at zero, so training starts from the base model
-exactly. `merge_lora` puts clones of the original linears holding `W + B A * scale` in their place, leaving a model
+exactly. The frozen product is the base class's own forward run on the wrapper's attributes, so whatever holds the
+wrapper's weight (FSDP re-registers gathered shards on it) is what is used. `merge_lora` puts clones of the original
+linears holding `W + B A * scale` in their place, leaving a model
 that `dgemma.checkpoint.save` writes in the HF layout; `unmerge_lora` swaps the adapters back, so an export in the
 middle of training changes nothing. On disk, adapters are written in peft's layout (peft_adapter.py), which peft
 loads onto the transformers model.
@@ -44,7 +46,8 @@ class LoRAConfig:
 
 class LoRALinear(nn.Linear):
     """A targeted linear plus its adapter. The base module is kept (out of the module tree, so names do not change)
-    and called for the frozen product: whatever it does (dgemma's batch-invariant mode) still applies."""
+    and its class's forward computes the frozen product on this module's weight: whatever it does (dgemma's
+    batch-invariant mode) still applies."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator | None = None):
         nn.Module.__init__(self)
@@ -53,15 +56,18 @@ class LoRALinear(nn.Linear):
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias
+        self.register_buffer("weight_scale", getattr(base, "weight_scale", None))  # read by batch_invariant.Linear
+        self.fp8_activations = getattr(base, "fp8_activations", False)
         dev, dt = base.weight.device, base.weight.dtype
         a = torch.empty(rank, self.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # nn.Linear's own init, as peft does
         self.lora_A = nn.Parameter(a.to(dev, dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
         self.scale = scale
+        base.weight = None  # this module owns it now (under FSDP a second reference would keep it whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._base[0](x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return type(self._base[0]).forward(self, x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
@@ -101,9 +107,9 @@ def _merged_linear(mod: LoRALinear) -> nn.Linear:
     """A shallow clone of the base module (same class, same bias) holding W + B A * scale as its own weight."""
     base = mod._base[0]
     merged = base.__class__.__new__(base.__class__)
-    merged.__dict__ = {**base.__dict__, "_parameters": dict(base._parameters)}
+    merged.__dict__ = {**base.__dict__, "_parameters": {**base._parameters, "bias": mod.bias}}
     with torch.no_grad():
-        w = (base.weight.float() + mod.delta()).to(base.weight.dtype)
+        w = (mod.weight.float() + mod.delta()).to(mod.weight.dtype)
     merged._parameters["weight"] = nn.Parameter(w, requires_grad=False)
     return merged
 

@@ -180,10 +180,12 @@ def encoder_targets(batch: Batch, cfg: ObjectiveConfig) -> torch.Tensor:
     return valid
 
 
-def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Draw | None = None) -> LossParts:
+def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Draw | None = None,
+               lockstep: bool = False) -> LossParts:
     """The loss sums of one (micro-)batch. A part with weight 0 is not computed at all (its sum is 0, its count
     0): with `encoder_loss_weight == 0` the encoder runs over the prefix only (what the decoder reads), with
-    `decoder_loss_weight == 0` there is no decoder pass."""
+    `decoder_loss_weight == 0` there is no decoder pass. `lockstep` (FSDP: every rank must run the same forwards)
+    runs the self-conditioning pass even when no row of this batch is self-conditioned, and discards it."""
     zero = batch.input_ids.new_zeros((), dtype=torch.float32)
     if cfg.decoder_loss_weight == 0:  # the autoregressive objective: the encoder alone
         he = model([EncoderSegment(batch.input_ids, batch.lengths, model.text)])[0]
@@ -191,8 +193,9 @@ def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Dra
         return LossParts(zero, 0, enc_sum, enc_count)
     d = d or draw(batch, cfg)
     sc = None
-    if cfg.self_cond_prob > 0 and bool(d.use_sc.any()):
-        rows = d.use_sc.nonzero().squeeze(1)
+    any_sc = bool(d.use_sc.any())
+    if cfg.self_cond_prob > 0 and (any_sc or lockstep):
+        rows = d.use_sc.nonzero().squeeze(1) if any_sc else d.use_sc.new_zeros(1, dtype=torch.long)
         # Pass 1 (no gradient, zero signal) on the self-conditioned rows only; its encoder needs only the prefix.
         width = max(1, int(d.prefix_lens[rows].max()))
         with torch.no_grad():
@@ -200,8 +203,9 @@ def loss_parts(model: DiffusionGemma, batch: Batch, cfg: ObjectiveConfig, d: Dra
                         d.prefix_lens[rows])
             soft = model.soft_embed(model.logits(h1))
         # A zero signal makes the self-conditioning MLP output exactly zero, so other rows are unaffected.
-        sc = soft.new_zeros(batch.size, *soft.shape[1:])
-        sc[rows] = soft
+        if any_sc:
+            sc = soft.new_zeros(batch.size, *soft.shape[1:])
+            sc[rows] = soft
     if cfg.encoder_loss_weight == 0:  # the decoder reads the prefix only: the response needs no encoder pass
         width = max(1, int(d.prefix_lens.max()))
         _, hd = run(model, batch.input_ids[:, :width], batch.lengths.clamp(max=width), d.noisy, d.prefix_lens, sc)

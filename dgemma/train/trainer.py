@@ -8,6 +8,10 @@ export.
 - Data parallelism (`torchrun`): the gradients are summed across ranks with one explicit all-reduce per step rather
   than through torch's DDP wrapper, whose hooks need `find_unused_parameters` here (MoE experts that get no token on
   a rank, the self-conditioning MLP when no row uses it) and fight gradient accumulation. Same result, fewer parts.
+- Fully sharded data parallelism (`parallel="fsdp"`, fsdp.py): parameters, gradients and AdamW state sharded over
+  the ranks with FSDP2, optionally bf16 parameters with fp32 reductions (`param_dtype`); the same global batch and
+  the same losses, so the same curve. Its checkpoints are sharded (`step-N/sharded/`, every rank writes its part).
+- Activation checkpointing (`activation_checkpointing`, either mode): each layer is recomputed in the backward.
 - Checkpoints (`out/checkpoints/step-N/`, see run_folder.py): model weights in the HF layout via
   `dgemma.checkpoint.save` (LoRA runs: only the adapter, in peft's layout), optimiser tensors in safetensors with
   their settings in `trainer_state.json`, with the step, the data position (the whole state of the data stream:
@@ -43,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from .. import checkpoint
 from ..config import GenerationConfig
 from ..model import DiffusionGemma
+from . import fsdp
 from .data import as_source, collate
 from .evaluation import evaluate
 from .lora import LoRAConfig, apply_lora, has_lora, merge_lora, unmerge_lora
@@ -55,7 +60,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "additional_chat_templates")
 # Settings that change what or how the run learns: a resume that changes one says so and records it.
 UNSTATED = {"progress", "report_to", "log_every", "save_every", "keep_checkpoints", "eval_every", "val_examples",
-            "keep_best"}
+            "keep_best", "parallel", "activation_checkpointing"}
+PARALLEL = ("ddp", "fsdp")
+PARAM_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LayoutError(ValueError):
+    """A checkpoint this trainer cannot resume at all (not a damaged one to skip): it stops the resume."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,9 @@ class TrainConfig:
     autocast: bool | None = None  # None: bf16 autocast on CUDA, none elsewhere
     progress: bool = True  # a progress bar on a terminal (plain log lines otherwise)
     report_to: tuple[str, ...] = ()  # ("tensorboard",): also write TensorBoard scalars to out/tensorboard/
+    parallel: str = "ddp"  # "ddp": a full replica per rank; "fsdp": FSDP2, everything sharded (fsdp.py)
+    param_dtype: str | None = None  # FSDP mixed precision: "bfloat16" computes in bf16 (fp32 master weights)
+    activation_checkpointing: bool = False  # recompute each layer in the backward
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "val_examples"):
@@ -100,6 +114,12 @@ class TrainConfig:
                              f"{self.min_lr_ratio}")
         if not all(0 <= b < 1 for b in self.betas) or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("need betas in [0, 1), weight_decay >= 0, grad_clip >= 0")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.param_dtype is not None and self.parallel != "fsdp":
+            raise ValueError("param_dtype (mixed precision) needs parallel='fsdp'; the ddp trainer autocasts on CUDA")
         unknown = set(self.report_to) - {"tensorboard"}
         if unknown:
             raise ValueError(f"report_to: unknown logger(s) {sorted(unknown)}; known: tensorboard")
@@ -147,7 +167,11 @@ class Trainer:
         self.cfg, self.out, self.folder = cfg, Path(out_dir), RunFolder(out_dir)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = torch.device(device) if device is not None else model.device
-        self.model = model.to(self.device).train()
+        self.fsdp = cfg.parallel == "fsdp"
+        if self.fsdp and not dist.is_initialized():
+            raise ValueError("parallel='fsdp' needs a process group: launch with torchrun (one process works too)")
+        # FSDP moves each unit to the device as it shards it: the whole model never sits on one device.
+        self.model = (model if self.fsdp else model.to(self.device)).train()
         self.source, self.lora = as_source(source), lora
         self.val_source = as_source(val_source) if val_source is not None else None
         self.generation, self.passthrough, self.init_from, self.on_step = generation, passthrough, init_from, on_step
@@ -166,9 +190,16 @@ class Trainer:
         else:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(not (cfg.freeze_router and ".router." in f".{name}"))
-        if self.world > 1:  # every rank starts from rank 0's weights, whatever each one loaded or initialised
-            for t in list(self.model.parameters()) + list(self.model.buffers()):
-                dist.broadcast(t.data, 0)
+        if cfg.activation_checkpointing:
+            fsdp.checkpoint_layers(self.model)
+        # Every rank starts from rank 0's weights, whatever each one loaded or initialised. Under FSDP that happens
+        # unit by unit as it shards, so the other ranks may bring a model built on the meta device (the CLI does).
+        if self.fsdp:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            fsdp.shard(self.model, PARAM_DTYPES[cfg.param_dtype], self.device)
+        elif self.world > 1:
+            fsdp.broadcast_from_rank0(self.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.ndim >= 2]
         other = [p for p in self.params if p.ndim < 2]
@@ -179,7 +210,9 @@ class Trainer:
         self.interval: dict = {"sums": {}, "count": 0}
         self.best: dict | None = None
         self.changes: list[dict] = []
-        self.autocast = cfg.autocast if cfg.autocast is not None else self.device.type == "cuda"
+        # FSDP's mixed precision casts the parameters itself; autocast stays for the unsharded trainer on CUDA
+        self.autocast = cfg.autocast if cfg.autocast is not None else (
+            self.device.type == "cuda" and cfg.param_dtype is None)
         self._open_folder(resume)
 
     def _say(self, text: str) -> None:
@@ -204,10 +237,15 @@ class Trainer:
         if resume and self.folder.has_checkpoints():
             failures = []
             for path in self.folder.candidates():
+                error = None
                 try:
                     data = self._read(path)
+                except LayoutError:
+                    raise
                 except Exception as e:  # reading has no side effects: a damaged checkpoint is only skipped
-                    failures.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                    error = f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                if not self._all_agree(error is None):  # every rank resumes from the same checkpoint
+                    failures.append(error or f"{path.name} (unreadable on another rank)")
                     continue
                 if failures:
                     self._say(f"checkpoint {'; '.join(failures)} is damaged or incomplete; resuming from "
@@ -229,6 +267,13 @@ class Trainer:
                           "longer needed)")
         if self.world > 1:
             dist.barrier()
+
+    def _all_agree(self, ok: bool) -> bool:
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     # -- one step ------------------------------------------------------------------------------------------------
     @property
@@ -263,15 +308,25 @@ class Trainer:
         for batch in micro:
             ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
             with ctx:
-                parts = loss_parts(self.model, batch, obj)
+                parts = loss_parts(self.model, batch, obj, lockstep=self.fsdp)
             parts.total(obj, dec_norm, enc_norm).backward()
             sums += torch.stack([parts.decoder_sum.detach().double(), parts.encoder_sum.detach().double(),
                                  batch.lengths.sum().double()])
-        if self.world > 1:
+        # Every trainable parameter steps with a gradient, zeros where no example reached it (the self-conditioning
+        # MLP in a batch with no self-conditioned row): AdamW skips a parameter whose gradient is None, so with a
+        # None the update would depend on how the batch is split over ranks (FSDP and DDP reduce zeros).
+        if self.world > 1 and not self.fsdp:  # FSDP reduce-scattered them during the backward
             self._all_reduce_grads()
+        elif not self.fsdp:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         sums = self._all_sum(sums)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if self.fsdp:
+            grad_norm = fsdp.clip_grad_norm(self.params, clip)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = self.cfg.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -306,7 +361,8 @@ class Trainer:
         """Validation loss of both parts on the fixed held-out set (see evaluation.py)."""
         return evaluate(self.model, self.val_source, self.cfg.val_examples, self.objective,
                         batch_size=self.cfg.batch_size, eos_id=self.eos_id, pad_id=self.pad_id,
-                        require_eos=self.cfg.require_eos, autocast=self.autocast, rank=self.rank, world=self.world)
+                        require_eos=self.cfg.require_eos, autocast=self.autocast, rank=self.rank, world=self.world,
+                        lockstep=self.fsdp)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -361,18 +417,24 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save(self) -> Path:
         final = self.folder.checkpoints / f"step-{self.step:08d}"
+        tmp = self.folder.checkpoints / f".{final.name}.tmp"
         if self.rank == 0:
             self.folder.checkpoints.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder.checkpoints / f".{final.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            if self.lora is not None:
-                save_adapter(self.model, self.lora, tmp / "adapter", base_model=self.init_from)
-            else:
-                checkpoint.save(self.model, tmp / "model", generation=self.generation, passthrough=self.passthrough)
-            osd = self.optimizer.state_dict()
-            save_file({f"{pid}.{k}": v.detach().contiguous().cpu() for pid, st in osd["state"].items()
-                       for k, v in st.items()}, str(tmp / "optimizer.safetensors"))
+        if self.fsdp:  # every rank writes its shards (the run folder must be on storage that all nodes share)
+            dist.barrier()
+            fsdp.save_sharded(tmp, self.model, self.optimizer, self.lora is not None)
+        if self.rank == 0:
+            osd = self.optimizer.state_dict()  # (FSDP: only its hyper-parameters are used from it)
+            if not self.fsdp:
+                if self.lora is not None:
+                    save_adapter(self.model, self.lora, tmp / "adapter", base_model=self.init_from)
+                else:
+                    checkpoint.save(self.model, tmp / "model", generation=self.generation,
+                                    passthrough=self.passthrough)
+                save_file({f"{pid}.{k}": v.detach().contiguous().cpu() for pid, st in osd["state"].items()
+                           for k, v in st.items()}, str(tmp / "optimizer.safetensors"))
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -380,7 +442,8 @@ class Trainer:
             np_state = np.random.get_state()
             py_state = random.getstate()
             state = {"step": self.step, "position": self.position, "tokens": self.tokens, "wall_s": self.wall,
-                     "world_size": self.world, "config": asdict(self.cfg), "identity": self.identity,
+                     "world_size": self.world, "layout": "sharded" if self.fsdp else "full",
+                     "config": asdict(self.cfg), "identity": self.identity,
                      "lora": asdict(self.lora) if self.lora else None, "init_from": self.init_from,
                      "tokenizer_dir": str(self.tokenizer_dir) if self.tokenizer_dir else None,
                      "changes": self.changes, "interval": self.interval, "best": self.best,
@@ -396,8 +459,18 @@ class Trainer:
         return final
 
     def _read(self, path: Path) -> dict:
-        """Everything a checkpoint holds, read and checked, nothing applied yet (a damaged one raises)."""
+        """Everything a checkpoint holds, read and checked, nothing applied yet (a damaged one raises). A sharded
+        checkpoint (FSDP) is only checked here (every shard's header against the tensors the run needs): it is
+        read into place by `_apply`."""
         state = json.loads((path / "trainer_state.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+        if state.get("layout") == "sharded":
+            if (state.get("lora") is None) == (self.lora is None):  # else: an identity difference, reported later
+                fsdp.check_sharded(path, self.model, self.optimizer, self.lora is not None)
+            return {"state": state, "weights": None, "optimizer": None, "rng": rng, "path": path, "sharded": True}
+        if self.fsdp:
+            raise LayoutError(f"{path} was written by the unsharded trainer (parallel 'ddp'); resume it with "
+                              "--parallel ddp (its export loads into an FSDP run via --init-from)")
         if self.lora is not None and state.get("lora") is not None:
             if (path / "lora.safetensors").is_file():  # the layout before peft adapters
                 weights = load_file(str(path / "lora.safetensors"))
@@ -411,8 +484,7 @@ class Trainer:
         else:
             weights = None  # LoRA against full: an identity difference, reported by _check_identity
         flat = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-        return {"state": state, "weights": weights, "optimizer": flat, "rng": rng, "path": path}
+        return {"state": state, "weights": weights, "optimizer": flat, "rng": rng, "path": path, "sharded": False}
 
     def _check_identity(self, path: Path, state: dict) -> None:
         saved = state.get("identity") or {"lora": state.get("lora")}
@@ -431,23 +503,12 @@ class Trainer:
 
     def _apply(self, data: dict) -> None:
         state, path = data["state"], data["path"]
-        with torch.no_grad():
-            if self.lora is not None:
-                params = dict(self.model.named_parameters())
-                for k, v in data["weights"].items():
-                    params[k].copy_(v)
-            else:
-                missing, unexpected = self.model.load_state_dict(data["weights"], strict=False)
-                if unexpected or any("inv_freq" not in m for m in missing):
-                    raise ValueError(f"{path}: weights do not fit the model ({missing} {unexpected})")
-        opt_state: dict[int, dict] = {}
-        for key, v in data["optimizer"].items():
-            pid, _, name = key.partition(".")
-            opt_state.setdefault(int(pid), {})[name] = v
-        groups = state["optimizer_param_groups"]
-        for g in groups:
-            g["betas"] = tuple(g["betas"])
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if data["sharded"]:
+            fsdp.load_sharded(path, self.model, self.optimizer, self.lora is not None)
+            for g, saved in zip(self.optimizer.param_groups, state["optimizer_param_groups"]):
+                g.update({k: tuple(v) if k == "betas" else v for k, v in saved.items() if k != "params"})
+        else:
+            self._apply_full(data)
         self.step, self.position = state["step"], state["position"]
         self.tokens, self.wall = state.get("tokens", 0), state.get("wall_s", 0.0)
         self.interval = state.get("interval") or {"sums": {}, "count": 0}
@@ -468,6 +529,26 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _apply_full(self, data: dict) -> None:
+        state, path = data["state"], data["path"]
+        with torch.no_grad():
+            if self.lora is not None:
+                params = dict(self.model.named_parameters())
+                for k, v in data["weights"].items():
+                    params[k].copy_(v)
+            else:
+                missing, unexpected = self.model.load_state_dict(data["weights"], strict=False)
+                if unexpected or any("inv_freq" not in m for m in missing):
+                    raise ValueError(f"{path}: weights do not fit the model ({missing} {unexpected})")
+        opt_state: dict[int, dict] = {}
+        for key, v in data["optimizer"].items():
+            pid, _, name = key.partition(".")
+            opt_state.setdefault(int(pid), {})[name] = v
+        groups = state["optimizer_param_groups"]
+        for g in groups:
+            g["betas"] = tuple(g["betas"])
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
     def load(self, path: str | Path) -> None:
         """Resume from one given checkpoint folder (the constructor finds the newest complete one itself)."""
         data = self._read(Path(path))
@@ -481,15 +562,19 @@ class Trainer:
         tokenizer's files and, for LoRA, `adapter/` in peft's layout; `info` adds small JSON files. Written in a
         hidden folder next to `path` and renamed into place."""
         path = Path(path) if path is not None else self.out / "final"
+        model = self.model
+        if self.fsdp:  # the full weights, gathered on rank 0, in an unsharded copy of the model
+            full = fsdp.gather_full(self.model)
+            model = fsdp.plain_copy(self.model, full, self.lora) if self.rank == 0 else None
         if self.rank == 0:
             stage = RunFolder(path.parent).stage(path.name)
             try:
                 target = stage / "export"
-                adapter = save_adapter(self.model, self.lora, stage / "adapter", base_model=self.init_from) \
-                    if self.lora is not None and has_lora(self.model) else None
-                swaps = merge_lora(self.model) if has_lora(self.model) else []
+                adapter = save_adapter(model, self.lora, stage / "adapter", base_model=self.init_from) \
+                    if self.lora is not None and has_lora(model) else None
+                swaps = merge_lora(model) if has_lora(model) else []
                 try:
-                    checkpoint.save(self.model, target, generation=self.generation, passthrough=self.passthrough,
+                    checkpoint.save(model, target, generation=self.generation, passthrough=self.passthrough,
                                     dtype=dtype)
                 finally:
                     unmerge_lora(swaps)
