@@ -87,7 +87,10 @@ class MemoryPlan:
         return sum(b for _, b in self.parts)
 
     def requests_fit(self, tokens: int | None = None) -> int:
-        """Requests of `tokens` positions (default: full-length) the pool holds at once, at most max_num_seqs."""
+        """Requests of `tokens` positions (default: full-length) the pool holds at once, at most max_num_seqs; none
+        when the plan does not fit at all."""
+        if not (self.available is None or self.total <= HEADROOM * self.available):
+            return 0
         need = self.blocks_per_request if tokens is None else -(-tokens // self.block_size)
         return min(self.max_num_seqs, self.num_kv_blocks // need)
 
