@@ -454,7 +454,7 @@ class CanvasSegment:
                     (torch.arange(b, device=dev) * buf)[:, None] + torch.arange(c, device=dev)).reshape(-1))
                 read = None
             self._plan[kind] = (ext[kind], write, mask, read)
-        if backend == "flex":
+        if backend == "flex" and not all(cache.sliding):
             self._block_mask = self._flex_mask(b, c, lengths, dev)
 
     def _flex_mask(self, b, c, lengths, dev):

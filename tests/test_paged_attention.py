@@ -82,3 +82,25 @@ def test_context_shorter_than_the_window(model):
         params = SamplingParams(max_new_tokens=32, seed=1, ignore_eos=True, max_denoising_steps=4)
         out[backend] = [o.token_ids for o in eng.run([(list(range(3, 40)), params), (list(range(7, 20)), params)])]
     assert out["gather"] == out["flex"] and all(len(t) == 32 for t in out["gather"])
+
+
+def test_model_without_full_layers_has_an_empty_pool():
+    """Sliding layers only: nothing is paged; both backends run (flex has no full layer to build a mask for)."""
+    from helpers import tiny_text_config
+
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma
+
+    text = tiny_text_config(num_hidden_layers=2, layer_types=["sliding_attention"] * 2)
+    m = DiffusionGemma(ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": C,
+                                              "text_config": text, "eos_token_id": [95]}))
+    m.init_weights(generator=torch.Generator().manual_seed(0))
+    m.eval()
+    out = {}
+    for backend in ("gather", "flex"):
+        eng = Engine(m, eos_token_ids=[], config=EngineConfig(max_num_seqs=2, max_model_len=64, block_size=4,
+                                                              batch_invariant=False, kv_backend=backend))
+        assert not eng.cache.kv
+        params = SamplingParams(max_new_tokens=2 * C, seed=3, ignore_eos=True, max_denoising_steps=4)
+        out[backend] = eng.run([(list(range(3, 20)), params)])[0].token_ids
+    assert out["gather"] == out["flex"] and len(out["gather"]) == 2 * C

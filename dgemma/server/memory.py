@@ -303,7 +303,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     per_block = block_bytes + (S * 8 if flex else 0)
     if num_kv_blocks is None:
         blocks = S * per_request
-        if available is not None:
+        if available is not None and per_block:  # (a model without full layers has an empty pool)
             room = int(HEADROOM * available) - sum(b for _, b in parts)
             blocks = max(0, min(blocks, room // per_block))
     else:
