@@ -15,7 +15,7 @@ bad schema or regex is rejected when the request is made (SamplingParams), with 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -87,6 +87,24 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_id: int):
         backend = tokenizer.backend
         _TOKENIZERS[key] = (tokenizer, L.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos_id))
     return _TOKENIZERS[key][1]
+
+
+class CanvasConstraint(Protocol):
+    """What the engine asks of a constraint plug-in (`Engine.add_request(..., constraint=...)`): `Constraint` below
+    (llguidance) and `dgemma.sudoku.rules.SudokuRules` implement it. Called on the per-row path only.
+
+    - `mask(logits)`: every denoising step, on one row's logits [C, V] (fp32, before the sampler): set the logits of
+      disallowed tokens to MASKED in place and return the C tokens the constraint commits to (the canvas argmax the
+      engine keeps). It must not change the committed state: any matcher it advances is a scratch copy.
+    - `commit(tokens)`: the canvas the engine committed (the returned tokens of the last step, cut at a stop);
+      the state advances and carries to the next canvas.
+    - `is_complete()`: the committed output satisfies the constraint."""
+
+    def mask(self, logits: Tensor) -> list[int]: ...
+
+    def commit(self, tokens: list[int]) -> None: ...
+
+    def is_complete(self) -> bool: ...
 
 
 class Constraint:

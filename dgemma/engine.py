@@ -44,7 +44,7 @@ from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
-from .constraint import Constraint, ll_tokenizer  # [constrained]
+from .constraint import CanvasConstraint, Constraint, ll_tokenizer  # [constrained]
 
 log = logging.getLogger("dgemma")
 
@@ -93,7 +93,7 @@ class Sequence:
     decoder: object = None  # incremental detokenizer
     draws_made: int = 0  # fast mode: counter-based draws used so far (the next draw's number)
     images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
-    constraint: "Constraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
+    constraint: "CanvasConstraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
 
     @property
     def denoising(self) -> bool:
@@ -145,7 +145,10 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, images: "vision_prompt.PromptImages | None" = None) -> str:
+                    request_id: str | None = None, images: "vision_prompt.PromptImages | None" = None,
+                    constraint: "CanvasConstraint | None" = None) -> str:
+        """`constraint`: a plug-in that masks this request's canvases (docs/constrained.md), instead of the one
+        compiled from `params` (giving both is an error)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -166,7 +169,10 @@ class Engine:
         seq = Sequence(rid, prompt, params, settings, gen, seed, seed_keys(seed), max_new, stop_ids)
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
-        if params.constraint_grammar is not None:  # [constrained]
+        if constraint is not None and params.constraint_grammar is not None:  # [constrained]
+            raise ValueError("give a constraint plug-in or a constraint in SamplingParams, not both")
+        seq.constraint = constraint
+        if params.constraint_grammar is not None:
             seq.constraint = self._constraint(params.constraint_grammar)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
