@@ -15,7 +15,7 @@ bad schema or regex is rejected when the request is made (SamplingParams), with 
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -89,6 +89,7 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_id: int):
     return _TOKENIZERS[key][1]
 
 
+@runtime_checkable
 class CanvasConstraint(Protocol):
     """What the engine asks of a constraint plug-in (`Engine.add_request(..., constraint=...)`): `Constraint` below
     (llguidance) and `dgemma.sudoku.rules.SudokuRules` implement it. Called on the per-row path only.
