@@ -48,15 +48,19 @@ def train(out: Path, steps: int, batch_size: int, lr: float) -> dict:
                       progress=False, seed=0)
     trainer = Trainer(ck.model, ExtractionSource(tok, seed=0), cfg, out, generation=ck.generation,
                       passthrough=ck.passthrough, device="cpu", init_from=str(base), tokenizer_dir=base)
-    t0 = time.perf_counter()
-    trainer.train()
-    secs = time.perf_counter() - t0
+    trainer.train()  # resumes from OUT's latest checkpoint when there is one (a larger --steps continues it)
     trainer.export(out / "final")
+    return training_summary(out)
+
+
+def training_summary(out: Path) -> dict:
+    """What the run folder's metrics log says: steps, examples, wall time (all stages) and the loss curve."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [x["loss"] for x in lines if "loss" in x]
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "examples": steps * batch_size,
-            "seconds": round(secs, 1), "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None}
+    logged = [x for x in lines if "loss" in x]
+    last = logged[-1]
+    return {"steps": last["step"], "examples": last["examples"], "wall_s": round(last["wall_s"], 1),
+            "loss": {x["step"]: round(x["loss"], 4) for x in logged},
+            "decoder_loss": round(last["decoder_loss"], 4), "encoder_loss": round(last["encoder_loss"], 4)}
 
 
 def evaluate(final: Path, n: int) -> list[dict]:
@@ -115,10 +119,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    training = None
     if not args.skip_train:
-        training = train(out, args.steps, args.batch_size, args.lr)
-        print(f"trained: {training}", flush=True)
+        train(out, args.steps, args.batch_size, args.lr)
+    training = {"batch_size": args.batch_size, "lr": args.lr, **training_summary(out)}
+    print(f"trained: {training}", flush=True)
     results = evaluate(out / "final", args.n_test)
     print("\n| decoder | constraint | valid JSON | field accuracy | exact records | ended by length | cost |")
     print("|---|---|---|---|---|---|---|")
