@@ -4,11 +4,12 @@ decode held-out sentences four ways: dgemma (block diffusion) and the same model
 encoder's next-token head, greedy, `dgemma.autoregressive.generate_ar`), each without and with the JSON-schema
 constraint (llguidance; diffusion: the masking sweep of docs/constrained.md, AR: the per-token mask).
 
-    python benchmarks/extraction.py --steps 250 && python benchmarks/extraction.py --steps 500   # the published run
+    python benchmarks/extraction.py --steps 250; ... --steps 500; ... --steps 750   # the published run (resumes)
     python benchmarks/extraction.py --skip-train          # evaluate the model already in --out/final
 
-The published run trained in two stages (250 steps, then resumed with the cosine re-aimed at 500): 8,000 examples,
-53 min on one thread of a 2-core machine shared with 5-10 other processes; the evaluation takes 5-10 min more.
+The published run trained in three stages (250 steps, then resumed with the cosine re-aimed at 500, then at 750):
+12,000 examples, 59 min on one thread of a 2-core machine shared with 5-10 other processes; each evaluation takes
+3-10 min more.
 
 Training: full fine-tune with dgemma.train.Trainer, the block-diffusion decoder loss plus the encoder's next-token
 loss on the answer (so that both decoders are trained, on the same examples), training records from seed 0.
@@ -112,7 +113,7 @@ def evaluate(final: Path, n: int) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "extraction"), help="run folder (model in OUT/final)")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=750)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-test", type=int, default=200)
