@@ -81,7 +81,8 @@ def evaluate(final: Path, n: int) -> list[dict]:
         results.append({"method": method, "constrained": constrained, **s, "length": ended_by_length / n,
                         unit: cost, "seconds": round(secs, 1)})
         print(f"{method:<10} {'schema' if constrained else 'none':<7} valid {100 * s['valid']:5.1f}%  fields "
-              f"{100 * s['field_accuracy']:5.1f}%  exact {100 * s['exact']:5.1f}%  length {100 * ended_by_length / n:5.1f}%"
+              f"{100 * s['field_accuracy']:5.1f}%  exact {100 * s['exact']:5.1f}%"
+              f"  length {100 * ended_by_length / n:5.1f}%"
               f"  {unit} {cost:.2f}  ({secs:.0f} s)", flush=True)
 
     for constrained in (False, True):

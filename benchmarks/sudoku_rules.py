@@ -78,7 +78,8 @@ def main() -> None:
             report = run_diffusion(puzzles, solutions, None, None, 64, args.seed, False, attempts=a, rules=settle)
             runs.append({"attempts": a, "rules": settle, **summary(report, puzzles)})
             r = runs[-1]
-            print(f"attempts {a:>2}  {'off' if settle is None else f'rules {settle:g}':<11} exact {100 * r['exact']:5.1f}%"
+            name = "off" if settle is None else f"rules {settle:g}"
+            print(f"attempts {a:>2}  {name:<11} exact {100 * r['exact']:5.1f}%"
                   f"  cells {100 * r['cell_accuracy']:5.1f}%  mean steps {r['mean_steps']:6.2f}"
                   f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     head = f"| attempts | rules | exact | blank cells right | mean steps | " + " | ".join(

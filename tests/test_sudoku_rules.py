@@ -32,7 +32,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim
 def units(i: int) -> list[list[int]]:
     r, c = divmod(i, 9)
     b0 = 27 * (r // 3) + 3 * (c // 3)
-    return [[9 * r + k for k in range(9)], [9 * k + c for k in range(9)], [b0 + 9 * a + b for a in range(3) for b in range(3)]]
+    return [[9 * r + k for k in range(9)], [9 * k + c for k in range(9)],
+            [b0 + 9 * a + b for a in range(3) for b in range(3)]]
 
 
 def peers(i: int) -> set[int]:
