@@ -16,8 +16,13 @@ from .model import DiffusionGemma
 @torch.no_grad()
 def generate_ar(model: DiffusionGemma, prompts: list[list[int]], max_new_tokens: int, eos_ids=(),
                 temperature: float = 0.0, seeds: list[int] | None = None,
-                cache: KVCache | None = None) -> tuple[list[list[int]], int]:
-    """Decode up to `max_new_tokens` per prompt; returns (outputs, number of forwards)."""
+                cache: KVCache | None = None, constraints: list | None = None) -> tuple[list[list[int]], int]:
+    """Decode up to `max_new_tokens` per prompt; returns (outputs, number of forwards).
+
+    `constraints`: per prompt a `dgemma.constraint.CanvasConstraint` or None. Each next token's logits are masked by
+    it as a canvas of one position (for an llguidance `Constraint`: the tokens allowed after the output so far,
+    EOS only where it is complete), then the token is committed to it: the usual constrained AR decode. Give the
+    constraint's EOS in `eos_ids` so that a row stops where its constraint is complete."""
     b = len(prompts)
     capacity = max(map(len, prompts)) + max_new_tokens
     if cache is None or cache.num_slots < b or cache.capacity < capacity:
@@ -40,6 +45,10 @@ def generate_ar(model: DiffusionGemma, prompts: list[list[int]], max_new_tokens:
     eos = set(eos_ids)
     while True:
         logits = model.logits(last)  # [len(live), V]
+        if constraints is not None:
+            for j, r in enumerate(live):
+                if constraints[r] is not None:
+                    constraints[r].mask(logits[j:j + 1])
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = [int(torch.multinomial(probs[j], 1, generator=gens[r])) for j, r in enumerate(live)]
@@ -48,6 +57,8 @@ def generate_ar(model: DiffusionGemma, prompts: list[list[int]], max_new_tokens:
         still = []
         for j, r in enumerate(live):
             outputs[r].append(nxt[j])
+            if constraints is not None and constraints[r] is not None:
+                constraints[r].commit([nxt[j]])
             if nxt[j] not in eos and len(outputs[r]) < max_new_tokens:
                 still.append((r, nxt[j]))
         if not still:

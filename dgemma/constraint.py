@@ -17,7 +17,7 @@ forces (and the engine writes on the canvas before the first step), so they are 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -102,6 +102,25 @@ def template_pins(template: str, ll_tok) -> dict[int, int]:
     """{output position: token id} that a template pins (dgemma/template.py), tokenized by llguidance's view."""
     from .template import parse_template, pinned_tokens
     return pinned_tokens(parse_template(template), ll_tok.tokenize_str, ll_tok.decode_bytes)
+
+
+@runtime_checkable
+class CanvasConstraint(Protocol):
+    """What the engine asks of a constraint plug-in (`Engine.add_request(..., constraint=...)`): `Constraint` below
+    (llguidance) and `dgemma.sudoku.rules.SudokuRules` implement it. Called on the per-row path only.
+
+    - `mask(logits)`: every denoising step, on one row's logits [C, V] (fp32, before the sampler): set the logits of
+      disallowed tokens to MASKED in place and return the C tokens the constraint commits to (the canvas argmax the
+      engine keeps). It must not change the committed state: any matcher it advances is a scratch copy.
+    - `commit(tokens)`: the canvas the engine committed (the returned tokens of the last step, cut at a stop);
+      the state advances and carries to the next canvas.
+    - `is_complete()`: the committed output satisfies the constraint."""
+
+    def mask(self, logits: Tensor) -> list[int]: ...
+
+    def commit(self, tokens: list[int]) -> None: ...
+
+    def is_complete(self) -> bool: ...
 
 
 class Constraint:

@@ -45,7 +45,7 @@ from .draws import StepDraws, draw_key, keyed_bits, seed_keys, to_tokens
 from .kv_cache import CanvasSegment, key_bucket
 from .sampling_params import RELEASED_DEFAULTS, DenoiseSettings, SamplingParams
 from . import vision_prompt  # [vision]
-from .constraint import Constraint, ConstraintError, ll_tokenizer, template_pins  # [constrained]
+from .constraint import CanvasConstraint, Constraint, ConstraintError, ll_tokenizer, template_pins  # [constrained]
 
 log = logging.getLogger("dgemma")
 
@@ -118,7 +118,7 @@ class Sequence:
     decoder: object = None  # incremental detokenizer
     draws_made: int = 0  # fast mode: counter-based draws used so far (the next draw's number)
     images: "vision_prompt.PromptImages | None" = None  # [vision] the prompt's images (prefill only)
-    constraint: "Constraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
+    constraint: "CanvasConstraint | None" = None  # [constrained] the request's matcher (docs/constrained.md)
     blocks: list[int] = field(default_factory=list)  # the KV blocks of its full layers, in position order
     reserved: int = 0  # blocks still promised to it (reserved at admission, allocated as it grows)
     hashes: list[bytes] | None = None  # chain hashes of the prompt's full blocks (prefix caching)
@@ -184,7 +184,10 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, images: "vision_prompt.PromptImages | None" = None) -> str:
+                    request_id: str | None = None, images: "vision_prompt.PromptImages | None" = None,
+                    constraint: "CanvasConstraint | None" = None) -> str:
+        """`constraint`: a plug-in that masks this request's canvases (docs/constrained.md), instead of the one
+        compiled from `params` (giving both is an error)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -209,7 +212,10 @@ class Engine:
                                      f"blocks of {self.pool.block_size}; the pool has {self.pool.num_blocks}")
         seq.out = RequestOutput(rid, prompt)
         seq.images = images  # [vision]
-        if params.constraint_grammar is not None:  # [constrained]
+        if constraint is not None and params.constraint_grammar is not None:  # [constrained]
+            raise ValueError("give a constraint plug-in or a constraint in SamplingParams, not both")
+        seq.constraint = constraint
+        if params.constraint_grammar is not None:
             seq.constraint = self._constraint(params.constraint_grammar, params.template)
         if self.tokenizer is not None:
             from .tokenizer import IncrementalDecoder
@@ -451,8 +457,8 @@ class Engine:
             self.canvas[slot] = to_tokens(keyed_bits(key, self.C), self.V)[0]
             s.draws_made += 1
             self.denoising[slot] = s.constraint is None  # [constrained] rows are not the fast step's
-        if s.constraint is not None and s.constraint.pins:  # [constrained] a template's pinned tokens, from step one
-            for j, t in s.constraint.canvas_pins(self.C).items():
+        if s.constraint is not None:  # [constrained] a template's pinned tokens, from step one
+            for j, t in self._canvas_pins(s).items():
                 self.canvas[slot, j] = t
         self.prev_argmax[slot] = -1
         self.stable_run[slot] = 0
@@ -460,6 +466,12 @@ class Engine:
         self.has_sc[slot] = False
         self.sc[slot] = 0  # a zero signal gives exactly the no-self-conditioning input on the first step
         s.canvas_steps = 0
+
+    def _canvas_pins(self, s: Sequence) -> dict[int, int]:
+        """[constrained] {canvas position: token} a request's constraint pins on this canvas (none for plug-ins
+        without `canvas_pins`, e.g. the Sudoku rules, which force their givens through `mask`)."""
+        pins = getattr(s.constraint, "canvas_pins", None)
+        return pins(self.C) if pins is not None else {}
 
     def _denoise(self, dec: list[Sequence], hidden: torch.Tensor) -> list[StreamEvent]:
         events = []
@@ -485,7 +497,7 @@ class Engine:
             del logits
             for i, chosen in swept.items():  # [constrained] the sweep's argmax is the canvas (a near-tie after the
                 res.argmax[i] = torch.tensor(chosen, device=res.argmax.device)  # temperature may differ)
-                for j, t in rows[i].constraint.canvas_pins(self.C).items():  # pinned: never renoised
+                for j, t in self._canvas_pins(rows[i]).items():  # pinned: never renoised
                     res.canvas[i, j] = t
             self.canvas[slots] = res.canvas
             self.prev_argmax[slots] = res.argmax
@@ -505,9 +517,10 @@ class Engine:
                     t = StepTrace(len(s.out.canvases), s.canvas_steps, res.argmax[i].tolist(),
                                   res.accepted[i].tolist(), float(res.mean_entropy[i]))
                     if s.constraint is not None:  # [constrained] which positions are pinned / masked
-                        pins = s.constraint.canvas_pins(self.C)
+                        pins = self._canvas_pins(s)
                         t.pinned = [j in pins for j in range(self.C)]
-                        t.allowed = list(s.constraint.allowed_counts)
+                        counts = getattr(s.constraint, "allowed_counts", None)  # plug-ins may not count
+                        t.allowed = list(counts) if counts is not None else None
                     if self.cfg.keep_traces:
                         s.out.trace.append(t)
                     events.append(StreamEvent(s.id, "draft", draft=t))

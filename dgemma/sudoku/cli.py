@@ -230,7 +230,7 @@ def solve_main(argv: list[str]) -> int:
     solver = Solver(args.model, batch_size=min(64, len(puzzles)))
     t0 = time.perf_counter()
     res = solver.solve([pz for _, pz in puzzles], args.max_denoising_steps, seed=args.seed, attempts=attempts,
-                       **_sampler(args))
+                       rules=_rules(args), **_sampler(args))
     secs = time.perf_counter() - t0
     cap = args.max_denoising_steps or solver.generation.max_denoising_steps
     all_solved = True
@@ -307,6 +307,12 @@ def _add_decoding_flags(p: Parser) -> None:
     p.add_argument("--attempts", type=int, default=1,
                    help="denoise a puzzle again (fresh seed) while its board is not a valid solution, up to this "
                         "many canvases; every attempt's steps are counted (default 1: the model alone)")
+    p.add_argument("--rules", action="store_true",
+                   help="mask each denoising step with the puzzle's rules: givens kept, and no digit that a given or "
+                        "a settled cell of its row, column or box holds (default: the model alone)")
+    p.add_argument("--rules-settle", type=float, default=None, metavar="P",
+                   help="with --rules: a cell is settled when its best digit has probability >= P (default 0.99; "
+                        "0 enforces the rules between all cells, which hurts: docs/sudoku.md)")
 
 
 def _attempts(args) -> int:
@@ -315,12 +321,24 @@ def _attempts(args) -> int:
     return args.attempts
 
 
+def _rules(args) -> float | None:
+    from .rules import DEFAULT_SETTLE
+
+    if args.rules_settle is not None and not args.rules:
+        raise InputError("--rules-settle needs --rules")
+    if args.rules_settle is not None and not 0 <= args.rules_settle <= 1:
+        raise InputError(f"--rules-settle must be a probability in [0, 1] (got {args.rules_settle})")
+    if not args.rules:
+        return None
+    return DEFAULT_SETTLE if args.rules_settle is None else args.rules_settle
+
+
 def _sampler(args) -> dict:
     return {k: getattr(args, k) for k in ("entropy_bound", "t_min", "t_max") if getattr(args, k) is not None}
 
 
 def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, label="solve", sampler=None,
-                  attempts=1):
+                  attempts=1, rules=None):
     """Solve and score; returns the evaluate() dict plus timing."""
     from .metrics import evaluate
     from .model import Solver
@@ -330,12 +348,12 @@ def run_diffusion(puzzles, solutions, model, steps, batch_size, seed, progress, 
     with _progress(len(puzzles), label, progress) as bar:
         task = bar.add_task(label, total=len(puzzles))
         res = solver.solve(puzzles, steps, seed=seed, progress=lambda k: bar.advance(task, k), attempts=attempts,
-                           **(sampler or {}))
+                           rules=rules, **(sampler or {}))
     secs = time.perf_counter() - t0
     report = evaluate(puzzles, res.boards, solutions, steps=res.steps)
     g = solver.generation
     cap = steps or g.max_denoising_steps
-    report.update(max_denoising_steps=cap, attempts=attempts,
+    report.update(max_denoising_steps=cap, attempts=attempts, rules=rules,
                   mean_attempts=float(np.mean(res.attempts)) if res.attempts else None,
                   forwards_per_puzzle=res.forwards, seconds=round(secs, 2),
                   puzzles_per_second=round(len(puzzles) / secs, 2),
@@ -361,7 +379,7 @@ def eval_main(argv: list[str]) -> int:
     puzzles, solutions = _load_eval(args.file, args.rows)
     _threads(args.threads)
     report = run_diffusion(puzzles, solutions, args.model, args.max_denoising_steps, args.batch_size, args.seed,
-                           not args.no_progress, sampler=_sampler(args), attempts=_attempts(args))
+                           not args.no_progress, sampler=_sampler(args), attempts=_attempts(args), rules=_rules(args))
     report.update(file=str(args.file), rows=args.rows, model=str(args.model or "dgemma/assets/sudoku"),
                   labelled=solutions is not None)
     tries = f", up to {args.attempts} attempts (mean {report['mean_attempts']:.2f})" if args.attempts > 1 else ""
@@ -455,7 +473,8 @@ def bench_main(argv: list[str]) -> int:
         raise InputError(f"{ar_path}: no AR baseline model (train one with `dgemma sudoku train --ar`)")
     _threads(args.threads)
     sweep = [run_diffusion(puzzles, solutions, args.model, c, args.batch_size, args.seed, not args.no_progress,
-                           label=f"diffusion {c or ''}".strip(), sampler=_sampler(args), attempts=_attempts(args))
+                           label=f"diffusion {c or ''}".strip(), sampler=_sampler(args), attempts=_attempts(args),
+                           rules=_rules(args))
              for c in caps]
     ar = run_ar(puzzles, solutions, ar_path, args.batch_size, not args.no_progress, args.attempts, args.seed)
     head = f"{'method':<24}{'exact':>9}{'cells':>9}{'givens':>9}{'forwards':>10}{'puzzles/s':>11}"

@@ -4,14 +4,18 @@
     result = solver.solve(puzzles, max_denoising_steps=12, seed=0)
     result.boards, result.steps                         # uint8 [n, 81], decoder forwards per puzzle
     solver.solve(puzzles, attempts=16)                  # hard puzzles: re-denoise invalid boards, keep a valid one
+    solver.solve(puzzles, rules=0.99)                   # each step, ban digits that conflict with the givens or with
+                                                        # the cells settled at probability >= 0.99 (rules.py)
 
 Diffusion runs through `dgemma.engine.Engine`: one request per puzzle (prompt `encode_prompt(puzzle)`, one 81-token
 canvas, the checkpoint's DiffusionGemma sampler), request i seeded with `seed + i`, so a puzzle's answer depends
 on its seed only, never on its batch mates or the batch size. The AR baseline (`solve_ar`) runs the same
 architecture causally with `dgemma.autoregressive.generate_ar`, greedy, one cell per forward.
 
-Boards are returned exactly as decoded: givens are neither pinned nor repaired, so the metrics see what the model
-wrote (non-digit tokens decode to 0, a blank).
+Boards are returned exactly as decoded: without `rules`, givens are neither pinned nor repaired, so the metrics see
+what the model wrote (non-digit tokens decode to 0, a blank). With `rules` (`dgemma.sudoku.rules.SudokuRules`, a
+constraint plug-in of the engine) every step's logits are masked: givens are kept, and no digit conflicts with a
+given or with a settled cell.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..autoregressive import generate_ar
 from ..engine import Engine, EngineConfig
 from ..sampling_params import SamplingParams
 from .board import is_solution
+from .rules import SudokuRules
 from .tokens import CANVAS_LENGTH, PROMPT_LENGTH, decode_solution, encode_prompt
 
 Progress = Callable[[int], None]  # called with the number of puzzles just finished
@@ -118,33 +123,40 @@ class Solver:
                                 batch_invariant=batch_invariant))
 
     def solve(self, puzzles: Sequence[np.ndarray] | np.ndarray, max_denoising_steps: int | None = None,
-              seed: int = 0, progress: Progress | None = None, attempts: int = 1, **sampler) -> SolveResult:
+              seed: int = 0, progress: Progress | None = None, attempts: int = 1, rules: float | None = None,
+              **sampler) -> SolveResult:
         """Denoise one canvas per puzzle; request i is seeded with `seed + i`. `sampler`: SamplingParams fields
         overriding the checkpoint's (entropy_bound, t_min, t_max, ...).
 
         `attempts` > 1: a puzzle whose board is not a valid solution (`is_solution`) is denoised again from a fresh
         random canvas, seeded `attempt_seed(seed + i, j)` for attempt j, until one is valid or the attempts
         are spent (then the last board is kept). Sudoku verifies itself, so extra samples cost compute only: the
-        steps and forwards of every attempt are counted."""
+        steps and forwards of every attempt are counted.
+
+        `rules` (a probability, `SudokuRules`' settle threshold): mask each step's logits with the puzzle's rules:
+        givens kept, and no digit that a given or a settled cell (best digit's probability >= `rules`) of its row,
+        column or box holds; None: the model alone."""
         steps: list[int] = [0] * len(puzzles)
 
         def run_round(todo, j, finished):
             def done(i, out):
                 steps[i] += out.decoder_forwards
                 finished(i, decode_solution(out.token_ids), out.decoder_forwards + 1)  # + 1: the prompt prefill
-            self._denoise(todo, puzzles, [attempt_seed(seed + i, j) for i in todo], max_denoising_steps, sampler, done)
+            self._denoise(todo, puzzles, [attempt_seed(seed + i, j) for i in todo], max_denoising_steps, sampler, done,
+                          rules)
 
         boards, forwards, tries = retry_until_solved(puzzles, attempts, run_round, progress)
         return SolveResult(boards, steps, float(np.mean(forwards)) if forwards else 0.0, tries)
 
     def _denoise(self, which: list[int], puzzles, seeds: list[int], max_denoising_steps: int | None, sampler: dict,
-                 finished: Callable[[int, object], None]) -> None:
+                 finished: Callable[[int, object], None], rules: float | None = None) -> None:
         """One canvas for each puzzle index in `which`, seeded with `seeds`; `finished(i, output)` as each ends."""
         index = {}
         for i, seed in zip(which, seeds):
             params = SamplingParams(max_new_tokens=CANVAS_LENGTH, max_denoising_steps=max_denoising_steps,
                                     seed=seed, ignore_eos=True, **sampler)
-            index[self.engine.add_request(encode_prompt(puzzles[i]), params)] = i
+            constraint = SudokuRules(puzzles[i], rules) if rules is not None else None
+            index[self.engine.add_request(encode_prompt(puzzles[i]), params, constraint=constraint)] = i
         while self.engine.has_work():
             for ev in self.engine.step():
                 if ev.kind == "finished":
