@@ -2,7 +2,7 @@
 
     dgemma plan google/diffusiongemma-26B-A4B-it --max-model-len 262144 --gpu-memory-gib 80 --json
     dgemma plan ./my-checkpoint --max-num-seqs 16 --max-model-len 8192 --gpu-memory-gib 24 --batch-invariant
-    dgemma plan google/diffusiongemma-26B-A4B-it --quantization fp8 --language-model-only --max-model-len 12288 \
+    dgemma plan google/diffusiongemma-26B-A4B-it --quantization fp8 --language-model-only --max-model-len 10240 \
         --max-num-seqs 1 --gpu-memory-gib 32
 
 MODEL_OR_CONFIG is a config.json, a checkpoint folder, a Hub id whose config.json is in the local Hugging Face
