@@ -114,10 +114,11 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantization: str | None = None) -> Checkpoint:
+         quantization: str | None = None, tp=None) -> Checkpoint:
     """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype (of the tensors that
     are not FP8). A compressed-tensors FP8 checkpoint loads in FP8; `quantization="fp8"` quantises a float one
-    tensor by tensor as it loads (fp8.py)."""
+    tensor by tensor as it loads (fp8.py). `tp` (parallel.TensorParallel): load this rank's shard only, each split
+    tensor read as its slices (safetensors `get_slice`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -142,6 +143,12 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         if vision is not None:
             model.vision = vision
         scales = fp8.prepare(model, scheme, to_checkpoint_name) if scheme is not None else []
+    shards = {}
+    if tp is not None:  # [parallel]
+        if scheme is not None:
+            raise ValueError("tensor parallelism does not take FP8 weights yet: drop --quantization fp8 or use TP 1")
+        from . import parallel
+        shards = {to_checkpoint_name(n): s for n, s in parallel.shard_model(model, tp).items()}
     expected = {to_checkpoint_name(n): n for n in list(dict(model.named_parameters())) +
                 [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
     if quantize:  # the scales are computed, not read
@@ -153,7 +160,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     progress = _progress(files)
     try:
         for file in files:
-            _load_file(model, file, expected, want, found, unexpected, passthrough, experts)
+            _load_file(model, file, expected, want, found, unexpected, passthrough, experts, shards)
             if progress is not None:
                 progress.advance(progress.task_ids[0], file.stat().st_size)
     finally:
@@ -181,8 +188,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
 
 def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: list, passthrough: dict,
-               experts: fp8.ExpertStacker | None = None) -> None:
-    """Move one shard's tensors into the meta-device model (vision tensors are only noted, for save)."""
+               experts: fp8.ExpertStacker | None = None, shards: dict | None = None) -> None:
+    """Move one shard's tensors into the meta-device model (vision tensors are only noted, for save). `shards`:
+    checkpoint name -> parallel.Shard, tensors of which only this rank's slices are read."""
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -204,7 +212,10 @@ def _load_file(model, file: Path, expected: dict, want, found: set, unexpected: 
                 else:
                     unexpected.append(name)
                 continue
-            _assign_fp8(model, expected[name], f, name, file, want)
+            if shards and name in shards:  # [parallel] read this rank's slices only
+                _assign(model, expected[name], _read(f, name, file, want, shards[name]), name, file)
+            else:
+                _assign_fp8(model, expected[name], f, name, file, want)
             found.add(name)
 
 
@@ -276,9 +287,9 @@ def _names(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _read(f, name: str, file: Path, want: torch.dtype | None) -> torch.Tensor:
+def _read(f, name: str, file: Path, want: torch.dtype | None, shard=None) -> torch.Tensor:
     try:
-        t = f.get_tensor(name)
+        t = f.get_tensor(name) if shard is None else shard.read(f, name)
     except Exception as e:
         raise CheckpointError(f"{file}: tensor {name} cannot be read ({e}); the file may be truncated") from None
     if t.dtype not in FLOAT_DTYPES and t.dtype != fp8.FP8:

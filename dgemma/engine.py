@@ -114,7 +114,7 @@ class Engine:
                              f"{text.max_position_embeddings}")
         dev, S, C = model.device, config.max_num_seqs, self.C
         # The scratch tail holds the canvas K/V of the fast decode (read in place, never committed).
-        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C)
+        self.cache = KVCache(model.cache_config, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C)
         self.tile = min(max(C, 32), 256)  # fixed kernel tile of the batch-invariant mode (see batch_invariant.py)
         self.canvas = torch.zeros(S, C, dtype=torch.long, device=dev)  # [slots, C] decoder input
         self.prev_argmax = torch.full((S, C), -1, dtype=torch.long, device=dev)  # [slots, C]

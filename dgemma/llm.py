@@ -6,7 +6,8 @@
     print(out.text, out.steps_per_canvas, out.tokens_per_forward)
 
 `LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
-`LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
+`LLM(model, tensor_parallel_size=2)` splits the model over two processes
+(parallel.py, docs/parallel.md), and `LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
 FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
 (`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a vision tower.
 """
@@ -36,9 +37,28 @@ class LLM:
                  device: str = "cpu", max_num_seqs: int = 8, max_model_len: int | None = None,
                  canvas_length: int | None = None, max_denoising_steps: int | None = None,
                  logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
-                 compile: bool | None = None, quantization: str | None = None):
+                 compile: bool | None = None, quantization: str | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, tp_timeout_s: float | None = None):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
-        ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization)
+        self.tp = None
+        if tensor_parallel_size != 1 or enable_expert_parallel:  # [parallel] docs/parallel.md
+            from . import parallel, parallel_engine
+
+            pcfg = parallel.ParallelConfig(tensor_parallel_size, enable_expert_parallel,
+                                           tp_timeout_s or parallel.DEFAULT_TIMEOUT_S)
+            if quantization == "fp8":
+                raise ValueError("tensor parallelism does not take FP8 weights yet: drop --quantization fp8")
+            from .config import ModelConfig
+            parallel.check_divisible(ModelConfig.from_file(path / "config.json").text, tensor_parallel_size,
+                                     enable_expert_parallel)
+            kwargs = dict(model=str(path), dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len, canvas_length=canvas_length,
+                          max_denoising_steps=max_denoising_steps, logits_budget_bytes=logits_budget_bytes,
+                          batch_invariant=batch_invariant, compile=compile, tensor_parallel_size=tensor_parallel_size,
+                          enable_expert_parallel=enable_expert_parallel, tp_timeout_s=pcfg.timeout_s)
+            self.tp = parallel_engine.start(pcfg, device, kwargs)
+            device = str(self.tp.device)
+        ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization, tp=self.tp)
         if canvas_length is not None and canvas_length != ck.config.canvas_length:
             ck.model.config = ck.config = ck.config.with_canvas_length(canvas_length)
         self.checkpoint, self.model, self.config = ck, ck.model, ck.config
@@ -55,11 +75,27 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         t = ck.config.text
         max_len = max_model_len or min(t.max_position_embeddings, 8192)
-        self.engine = Engine(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
-                             defaults=self.generation, tokenizer=self.tokenizer,
-                             config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
-                                                 logits_budget_bytes=logits_budget_bytes,
-                                                 batch_invariant=batch_invariant, compile=compile))
+        engine_cls, extra = Engine, {}
+        if self.tp is not None:
+            from .parallel_engine import LeaderEngine
+            engine_cls, extra = (LeaderEngine, {"tp": self.tp}) if self.tp.leader else (Engine, {})
+        self.engine = engine_cls(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
+                                 defaults=self.generation, tokenizer=self.tokenizer,
+                                 config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
+                                                     logits_budget_bytes=logits_budget_bytes,
+                                                     batch_invariant=batch_invariant, compile=compile), **extra)
+        if self.tp is not None:
+            from . import parallel_engine
+            if not self.tp.leader:  # a follower rank: serve the leader's steps, then leave the process
+                parallel_engine.run_follower(self.engine, self.tp)
+            parallel_engine.register_exit(self.close)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave the group (also done at exit); a no-op without TP."""
+        if self.tp is not None:
+            from . import parallel_engine
+            tp, self.tp = self.tp, None
+            parallel_engine.close(self.engine, tp)
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
