@@ -86,6 +86,7 @@ class LLM:
                                                      batch_invariant=batch_invariant, compile=compile), **extra)
         if self.tp is not None:
             from . import parallel_engine
+            self.tp.ready()  # every rank has its shard
             if not self.tp.leader:  # a follower rank: serve the leader's steps, then leave the process
                 parallel_engine.run_follower(self.engine, self.tp)
             parallel_engine.register_exit(self.close)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,8 @@ from .config import TextConfig
 log = logging.getLogger("dgemma")
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective that waits longer than this fails (a stuck or dead rank)
+RENDEZVOUS_TIMEOUT_S = 300.0  # how long spawned ranks may take to join
+PLAN_BYTES = 4096  # the fixed broadcast that carries a step plan (larger plans take a second one)
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,27 @@ class Layout:
         return out
 
 
+def rank_parameters(cfg, size: int, expert_parallel: bool = False) -> int:
+    """Parameters and buffers one rank of `size` holds (rank 0; every rank holds as many), counted on the meta
+    device from the shard layout."""
+    from .model import DiffusionGemma
+
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    check_divisible(model.text, size, expert_parallel)
+    shards = Layout(0, size, expert_parallel).shards(model)
+    total = 0
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        shard = shards.get(name)
+        n = p.numel()
+        if shard is not None:
+            n = 1
+            for x in shard.local_shape(p.shape):
+                n *= x
+        total += n
+    return total
+
+
 def shard_model(model, tp: "TensorParallel") -> dict[str, Shard]:
     """Split a DiffusionGemma in place for `tp`'s rank: on the meta device (before a sharded load) the parameters
     just take their local shapes; real parameters are sliced (a whole model in memory, e.g. in tests). Sets the
@@ -250,6 +274,7 @@ def shard_model(model, tp: "TensorParallel") -> dict[str, Shard]:
 
 
 _current: "TensorParallel | None" = None
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name when present
 
 
 def current() -> "TensorParallel | None":
@@ -263,8 +288,9 @@ class TensorParallel:
     dead one is still seen at once, by its closed connections). Every collective counts its bytes in `stats`."""
 
     def __init__(self, rank: int, size: int, device: torch.device, expert_parallel: bool = False,
-                 control=None, group=None):
+                 control=None, group=None, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.rank, self.size, self.device = rank, size, torch.device(device)
+        self.timeout_s = timeout_s
         self.layout = Layout(rank, size, expert_parallel)
         self.group, self.control = group, control
         self.stats = CommStats()
@@ -300,21 +326,42 @@ class TensorParallel:
         flat = local.view(-1)
         out = flat.new_empty(self.size * flat.numel())
         try:
-            dist.all_gather_into_tensor(out, flat, group=self.group)
+            _all_gather(out, flat, group=self.group)
         except (RuntimeError, dist.DistError) as e:
             raise self._fail("all_gather", e) from None
         full = out.view(self.size, *local.shape).movedim(0, -2).reshape(*local.shape[:-1], self.size * local.shape[-1])
         return full if full.shape[-1] == vocab_size else full[..., :vocab_size].contiguous()
 
     def broadcast_plan(self, plan: list | None) -> list:
-        """The leader's step plan (a small list of commands) to every rank, on the control group."""
-        box = [plan]
+        """The leader's step plan (a small list of commands) to every rank, on the control group: one fixed
+        4 KiB broadcast (a second one when the plan is larger). The leader waits at most the collective timeout (a
+        stuck follower is an error); followers wait for as long as the leader idles. The plan is pickled, as
+        `broadcast_object_list` would: it travels only between the ranks of this group."""
+        head = torch.zeros(PLAN_BYTES, dtype=torch.uint8)
+        if self.leader:
+            data = pickle.dumps(plan)
+            head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+            if len(data) <= PLAN_BYTES - 8:
+                head[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._broadcast(head)
+        n = int.from_bytes(bytes(head[:8].tolist()), "little")
+        body = head[8:8 + n]
+        if n > PLAN_BYTES - 8:
+            body = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader else \
+                torch.empty(n, dtype=torch.uint8)
+            self._broadcast(body)
+        return plan if self.leader else pickle.loads(body.numpy().tobytes())
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        self.stats.add("plan_broadcast", t.numel())
         try:
-            dist.broadcast_object_list(box, src=0, group=self.control)
+            work = dist.broadcast(t, src=0, group=self.control, async_op=True)
+            if self.leader:
+                work.wait(datetime.timedelta(seconds=self.timeout_s))
+            else:
+                work.wait()
         except (RuntimeError, dist.DistError) as e:
             raise self._fail("step-plan broadcast", e) from None
-        self.stats.add("plan_broadcast", 0)  # pickled objects: sized by torch; counted as calls only
-        return box[0]
 
     # -- vocabulary-parallel pieces ----------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -331,6 +378,14 @@ class TensorParallel:
         start, real, _ = self.layout.vocab(probs.shape[-1])
         part = torch.matmul(probs[..., start:start + real], shard[:real])
         return self.all_reduce(part)
+
+    def ready(self) -> None:
+        """Wait (on the patient control group) until every rank has loaded its shard, before the first collective
+        that the timeout guards."""
+        try:
+            dist.barrier(group=self.control)
+        except (RuntimeError, dist.DistError) as e:
+            raise self._fail("start-up barrier", e) from None
 
     def close(self) -> None:
         global _current
@@ -364,12 +419,23 @@ def init(cfg: ParallelConfig, rank: int, device: str | torch.device, init_method
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    kw = {"init_method": init_method} if init_method is not None else {}
-    dist.init_process_group(backend_for(dev), rank=rank, world_size=n, timeout=timeout, **kw)
+    # Ranks may take a while to start (imports, loading): the rendezvous and the group's set-up wait longer than a
+    # collective may; the collective timeout is set once every rank is there.
+    patient = datetime.timedelta(seconds=max(cfg.timeout_s, RENDEZVOUS_TIMEOUT_S))
+    kw = {}
+    if init_method is not None:
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        kw["store"] = dist.TCPStore(host, int(port), n, is_master=rank == 0, timeout=patient)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    dist.init_process_group(backend_for(dev), rank=rank, world_size=n, timeout=patient if set_timeout else timeout,
+                            **kw)
     # The control group carries the step plan (Python objects) on the CPU; it may idle for as long as the leader
     # has no work, so its timeout is long: a dead leader is still noticed at once (closed connections).
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    _current = TensorParallel(rank, n, dev, cfg.enable_expert_parallel, control=control, group=None)
+    if set_timeout is not None:
+        set_timeout(timeout)
+    _current = TensorParallel(rank, n, dev, cfg.enable_expert_parallel, control=control, group=None,
+                              timeout_s=cfg.timeout_s)
     return _current
 
 

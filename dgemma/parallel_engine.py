@@ -36,6 +36,7 @@ from .parallel import CollectiveError, ParallelConfig, TensorParallel
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("dgemma")
+SPAWNED = "DGEMMA_TP_RANK"  # set in the processes `start` spawns: "RANK@tcp://HOST:PORT"
 
 
 class LeaderEngine(Engine):
@@ -102,6 +103,10 @@ def follow(engine: Engine, tp: TensorParallel) -> None:
 def start(cfg: ParallelConfig, device: str, llm_kwargs: dict) -> TensorParallel:
     """Join the tensor-parallel group: as a torchrun rank, or as rank 0 spawning the other ranks, each of which
     builds `LLM(**llm_kwargs)` (module doc)."""
+    spawned = os.environ.get(SPAWNED)
+    if spawned is not None:  # a rank that `start` spawned: its rank and rendezvous address
+        rank, _, method = spawned.partition("@")
+        return parallel.init(cfg, int(rank), device, method)
     rank = parallel.torchrun_rank(cfg.tensor_parallel_size)
     if rank is not None:
         return parallel.init(cfg, rank, device)
@@ -126,9 +131,8 @@ def start(cfg: ParallelConfig, device: str, llm_kwargs: dict) -> TensorParallel:
 
 
 def _worker(rank: int, size: int, port: int, threads: int, llm_kwargs: dict) -> None:
-    """A spawned rank: torchrun's environment, then `LLM(...)`, which follows rank 0 and exits."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK=str(rank))
+    """A spawned rank: its rank and rendezvous in the environment, then `LLM(...)`, which follows rank 0 and exits."""
+    os.environ.update({SPAWNED: f"{rank}@tcp://127.0.0.1:{port}", "LOCAL_RANK": str(rank)})
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="dgemma: %(message)s")
     from .llm import LLM

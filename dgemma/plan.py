@@ -83,6 +83,7 @@ class PlanRequest:
     prefill_chunk: int = 2048
     max_waiting: int = 64
     quantization: str | None = None  # "fp8": FP8 weights (docs/fp8.md); an FP8 config is planned as FP8 anyway
+    tensor_parallel_size: int = 1  # [parallel] plan one rank of N (docs/parallel.md)
 
 
 def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
@@ -94,6 +95,10 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         raise ConfigError(f"--max-model-len {req.max_model_len} exceeds the model's max_position_embeddings "
                           f"{cfg.text.max_position_embeddings}")
     params = memory.count_parameters(cfg)
+    if req.tensor_parallel_size > 1:  # [parallel]
+        if req.quantization == "fp8" or fp8_config(cfg):
+            raise ConfigError("tensor parallelism does not take FP8 weights yet")
+        params = None  # memory.plan counts one rank's share
     extra = (memory.vision_parts(target.checkpoint, cfg, req.dtype) if target.checkpoint is not None
              else memory.vision_parts_from_config(cfg, req.dtype))
     available = int(req.gpu_memory_gib * GiB)
@@ -107,7 +112,8 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         return memory.plan(cfg, req.dtype, device="cuda", max_num_seqs=s, max_model_len=max_len,
                            max_waiting=req.max_waiting, prefill_chunk=req.prefill_chunk,
                            batch_invariant=req.batch_invariant, cuda_graphs=graphs, params=params,
-                           available=available, extra=extra, weight_bytes=weights)
+                           available=available, extra=extra, weight_bytes=weights,
+                           tensor_parallel_size=req.tensor_parallel_size)
 
     p = make(req.max_num_seqs)
     full_fit = memory.largest_fitting(make, _FIT_LIMIT)
@@ -122,6 +128,7 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         "canvas_length": cfg.canvas_length,
         "max_model_len": req.max_model_len,
         "max_num_seqs": req.max_num_seqs,
+        "tensor_parallel_size": req.tensor_parallel_size,
         "prefill_chunk": req.prefill_chunk,
         "gpu_memory_gib": req.gpu_memory_gib,
         "usable_bytes": p.usable,
@@ -165,8 +172,15 @@ def paged_estimate(cfg: ModelConfig, req: PlanRequest, make, short_len: int) -> 
     }
 
 
+def fp8_config(cfg: ModelConfig) -> bool:
+    from . import fp8
+    return fp8.Fp8Scheme.from_config(cfg.raw) is not None
+
+
 def render(plan: dict) -> str:
-    lines = [f"memory plan for {plan['model']} ({plan['dtype']}, {plan['mode']} mode"
+    tp = plan.get("tensor_parallel_size", 1)
+    lines = [f"memory plan {'per rank of %d tensor-parallel ranks ' % tp if tp > 1 else ''}for {plan['model']} "
+             f"({plan['dtype']}, {plan['mode']} mode"
              f"{', CUDA graphs' if plan['cuda_graphs'] else ''}, canvas {plan['canvas_length']}, "
              f"--max-model-len {plan['max_model_len']}, --max-num-seqs {plan['max_num_seqs']})"]
     lines += [f"  {c['name']:<40} {c['gib']:10.3f} GiB" for c in plan["components"]]
@@ -201,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=64)
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="plan FP8 weights (as `serve --quantization fp8` loads them)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="plan one rank of N tensor-parallel ranks (its weight shards and KV heads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -215,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.canvas_length is not None and args.canvas_length < 1:
             raise ValueError(f"--canvas-length must be positive, got {args.canvas_length}")
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
         if not args.gpu_memory_gib > 0:
             raise ValueError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
         dtype = parse_dtype(args.dtype)
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--dtype auto needs weights: pass bfloat16, float16 or float32")
         req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
                           args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting,
-                          args.quantization)
+                          args.quantization, args.tensor_parallel_size)
         plan = make_plan(find_config(args.model), req)
     except (ConfigError, ValueError) as e:
         print(f"dgemma plan: error: {e}", file=sys.stderr)

@@ -51,6 +51,9 @@ class ServerConfig:
     media: object = None  # [vision] server.media.MediaPolicy: where images may come from, limits; None = defaults
     batch_invariant: bool | None = None  # engine mode (docs/fast_step.md); None: exact on the CPU, fast elsewhere
     compile: bool | None = None  # torch.compile the fast step; None: on CUDA
+    tensor_parallel_size: int = 1  # [parallel] ranks the model is split over (docs/parallel.md)
+    enable_expert_parallel: bool = False  # [parallel] whole experts per rank
+    tp_timeout_s: float | None = None  # [parallel] collective timeout (None: parallel.DEFAULT_TIMEOUT_S)
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s"):

@@ -21,6 +21,7 @@ import time
 from ..engine import Engine
 from ..outputs import StreamEvent
 from ..sampling_params import SamplingParams
+from ..parallel import CollectiveError
 from .memory import kv_usage
 from .metrics import ServerMetrics
 
@@ -159,6 +160,9 @@ class AsyncEngine:
         try:
             events = eng.step()
         except Exception as e:
+            if isinstance(e, CollectiveError):  # [parallel] a rank is lost: fail everything and stop serving
+                self._fatal(e)
+                return
             # Fail every request in flight rather than hang them, and keep serving: the engine state of the
             # failed step is discarded with them (abort frees every slot).
             log.exception("engine step failed")
@@ -201,6 +205,21 @@ class AsyncEngine:
         self._gauges()  # before the events go out: a client that saw its first event sees itself running
         if events:
             self._post(events)
+
+    def _fatal(self, e: Exception) -> None:
+        """[parallel] The tensor-parallel group broke: every request fails, the loop ends, the server shuts down
+        (`dgemma serve` then exits non-zero)."""
+        log.error("%s; shutting down", e)
+        eng = self.engine
+        ids = [s.id for s in eng.slots if s is not None] + [s.id for s in eng.waiting]
+        self._post([StreamEvent(rid, "error", text_delta=f"engine failure: {e}") for rid in ids])
+        self.fatal = str(e)
+        self._cmds.put(("stop",))
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
+
+    fatal: str | None = None
+    on_fatal = None  # called with the message from the engine thread (the app stops uvicorn)
 
     def _gauges(self) -> None:
         with self.metrics.lock:

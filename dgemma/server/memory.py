@@ -194,7 +194,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
          max_waiting: int = 64, prefill_chunk: int = 2048, logits_budget_bytes: int = 512 * 2**20,
          batch_invariant: bool = True, cuda_graphs: bool = False, params: int | None = None,
          available: int | None = -1, extra: tuple[tuple[str, int], ...] = (),
-         weight_bytes: int | None = None) -> MemoryPlan:
+         weight_bytes: int | None = None, tensor_parallel_size: int = 1) -> MemoryPlan:
     """The plan for one configuration (module doc). `available=-1` asks the device; pass a number to plan against
     it. `batch_invariant` picks the engine mode (exact: True, fast: False); `cuda_graphs`: the fast step is
     captured (fast mode on CUDA by default). `weight_bytes` replaces params x dtype size (FP8 weights:
@@ -202,6 +202,10 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(cfg) if params is None else params
+    tp = tensor_parallel_size
+    if tp > 1:  # [parallel] one rank's share: its weight slices and its KV heads (parallel.py)
+        from ..parallel import rank_parameters
+        params, t = rank_parameters(cfg, tp), parallel_text(t, tp)
     new = min(max(prefill_chunk, C), max_model_len)  # tokens a row encodes in one forward: a chunk or a canvas
     engine_row_bytes = C * V * 4 * 3  # what the engine divides its logits budget by (engine.py)
     rows_per_slab = min(S, max(1, logits_budget_bytes // engine_row_bytes))
@@ -238,6 +242,10 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
                                                     "every captured shape"))
     else:
         parts.append(("logits slab (sampler)", slab))
+    if tp > 1:  # [parallel] the LM head's local columns and the all-gather's buffer and reordered copy
+        parts.append(("tensor-parallel logits gather", rows_per_slab * C * (-(-V // tp) + 2 * V) * 4))
+        notes.append(("tensor-parallel logits gather", f"per rank of {tp}: local logit columns, the gathered "
+                                                       "buffer and its vocabulary-ordered copy (fp32)"))
     parts.append(("denoising state (canvas, self-cond.)", S * C * (8 + 8 + t.hidden_size * elem) + S * 8))
     if str(device) == "cpu":  # host memory: it shares the budget only when the model runs on the CPU
         parts.append(("queued and running prompts", (S + max_waiting) * max_model_len * 36))  # Python int lists
@@ -258,6 +266,12 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
         available = available_bytes(device)
     return MemoryPlan(tuple(parts), available, str(device), S, max_model_len, tuple(notes),
                       "exact" if batch_invariant else "fast", kv_slot)
+
+
+def parallel_text(t: TextConfig, tp: int) -> TextConfig:
+    """[parallel] The attention geometry of one rank of `tp` (its KV cache)."""
+    from ..parallel import Layout
+    return Layout(0, tp).local_text(t)
 
 
 def largest_fitting(make_plan, upper: int) -> int:
@@ -283,7 +297,8 @@ def engine_mode(device: str, batch_invariant: bool | None) -> tuple[bool, bool]:
 
 def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs: int, max_model_len: int | None,
                      canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
-                     available: int | None = -1, quantization: str | None = None) -> MemoryPlan:
+                     available: int | None = -1, quantization: str | None = None,
+                     tensor_parallel_size: int = 1) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit."""
     from ..checkpoint import parse_dtype
 
@@ -305,8 +320,10 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
     def make(s: int) -> MemoryPlan:
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len, max_waiting=max_waiting,
                     params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs,
-                    weight_bytes=weights)
+                    weight_bytes=weights, tensor_parallel_size=tensor_parallel_size)
 
+    if tensor_parallel_size > 1 and available is not None and torch.device(device).type == "cpu":
+        available //= tensor_parallel_size  # [parallel] CPU ranks share the host's memory
     p = make(max_num_seqs)
     if not p.fits:
         raise MemoryPlanError(refusal(p, make, cfg, want))
