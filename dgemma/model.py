@@ -278,10 +278,11 @@ class DiffusionGemma(nn.Module):
         At inference the soft-cap runs in place on the fresh product. With `row_chunks` (the CPU's exact path) it
         goes a few cache-sized rows at a time (the same ops and values, no [*, V] temporaries streamed through
         memory); without, it is three whole-slab kernels (the fast path: no Python loop at a 262k vocabulary)."""
-        out = linear(hidden, self.embed_tokens.weight).float()
-        if self.tp is not None and not torch.is_grad_enabled():  # [parallel] this rank's columns, capped, gathered
-            return self.tp.gather_vocab(self._cap(out, row_chunks), self.text.vocab_size)
-        return self._cap(out, row_chunks)
+        if self.tp is not None and not torch.is_grad_enabled():  # [parallel] this rank's columns, gathered in the
+            # weight dtype (half the bytes of fp32 in bf16; the upcast and the cap are per element: the same values)
+            out = self.tp.gather_vocab(linear(hidden, self.embed_tokens.weight), self.text.vocab_size)
+            return self._cap(out.float(), row_chunks)
+        return self._cap(linear(hidden, self.embed_tokens.weight).float(), row_chunks)
 
     def _cap(self, out: torch.Tensor, row_chunks: bool) -> torch.Tensor:
         cap = self.text.final_logit_softcapping

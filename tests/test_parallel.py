@@ -128,10 +128,16 @@ def run(llm: LLM, seeds) -> list[list[int]]:
     return [o.token_ids for o in llm.generate([[5, 17, 33, 2, 9, 41, 60], [7, 3, 11]], params)]
 
 
-@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
-def test_generation_with_two_ranks_gives_the_tokens_of_one(ck, exact):
+@pytest.mark.parametrize("exact,ep", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["exact", "fast", "exact-ep", "fast-ep"])
+def test_generation_with_two_ranks_gives_the_tokens_of_one(ck, exact, ep):
+    """Tensor-parallel experts (each split in two), and expert parallel (`ep`: two whole experts per rank)."""
     one = run(LLM(ck, max_model_len=128, batch_invariant=exact), (11, 12))
-    llm = LLM(ck, max_model_len=128, batch_invariant=exact, tensor_parallel_size=2, tp_timeout_s=30)
+    llm = LLM(ck, max_model_len=128, batch_invariant=exact, tensor_parallel_size=2, tp_timeout_s=30,
+              enable_expert_parallel=ep)
+    experts = llm.model.layers[0].experts
+    E, M = llm.config.text.num_experts, llm.config.text.moe_intermediate_size
+    assert experts.gate_up_proj.shape[:2] == ((E // 2, 2 * M) if ep else (E, M))
     workers = llm.tp.workers
     try:
         two = run(llm, (11, 12))
