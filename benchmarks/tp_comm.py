@@ -39,7 +39,7 @@ from dgemma.model import DiffusionGemma  # noqa: E402
 from dgemma.sampling_params import SamplingParams  # noqa: E402
 
 RELEASED = Path(__file__).resolve().parents[1] / "dgemma/assets/configs/diffusiongemma-26B-A4B-it/config.json"
-SHRUNK = dict(head_dim=16, global_head_dim=32, intermediate_size=64, moe_intermediate_size=16)  # never communicated
+SHRUNK = dict(head_dim=16, global_head_dim=32, intermediate_size=64, moe_intermediate_size=64)  # never communicated
 PROMPT = 64
 # Assumptions of the ratio (NVIDIA H200 SXM, public figures): dense bf16 peak, HBM3e bandwidth, NVLink 4 bandwidth
 # per direction per GPU, and a per-collective latency for small NCCL all-reduces within a node.

@@ -5,9 +5,10 @@
     out = llm.generate(["To be, or not"], SamplingParams(max_new_tokens=128, seed=0))[0]
     print(out.text, out.steps_per_canvas, out.tokens_per_forward)
 
-`LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
-`LLM(model, tensor_parallel_size=2)` splits the model over two processes
-(parallel.py, docs/parallel.md), and `LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
+`LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit),
+`LLM(model, tensor_parallel_size=2)` splits the model over two processes (parallel.py, docs/parallel.md; guard the
+script's entry point with `if __name__ == "__main__":`, as the other ranks are spawned), and
+`LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
 FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first; its messages may hold images
 (`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a vision tower.
 """
