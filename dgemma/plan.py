@@ -98,7 +98,7 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
     if req.tensor_parallel_size > 1:  # [parallel]
         if req.quantization == "fp8" or fp8_config(cfg):
             raise ConfigError("tensor parallelism does not take FP8 weights yet")
-        params = None  # memory.plan counts one rank's share
+        params = memory.rank_parameters(cfg, req.tensor_parallel_size)  # one rank's share
     extra = (memory.vision_parts(target.checkpoint, cfg, req.dtype) if target.checkpoint is not None
              else memory.vision_parts_from_config(cfg, req.dtype))
     available = int(req.gpu_memory_gib * GiB)

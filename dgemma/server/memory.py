@@ -201,11 +201,11 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     fp8.weight_bytes)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
-    params = count_parameters(cfg) if params is None else params
     tp = tensor_parallel_size
-    if tp > 1:  # [parallel] one rank's share: its weight slices and its KV heads (parallel.py)
-        from ..parallel import rank_parameters
-        params, t = rank_parameters(cfg, tp), parallel_text(t, tp)
+    if params is None:
+        params = count_parameters(cfg) if tp == 1 else rank_parameters(cfg, tp)
+    if tp > 1:  # [parallel] one rank's share (`params` counts its weight slices), its KV heads (parallel.py)
+        t = parallel_text(t, tp)
     new = min(max(prefill_chunk, C), max_model_len)  # tokens a row encodes in one forward: a chunk or a canvas
     engine_row_bytes = C * V * 4 * 3  # what the engine divides its logits budget by (engine.py)
     rows_per_slab = min(S, max(1, logits_budget_bytes // engine_row_bytes))
@@ -268,6 +268,12 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
                       "exact" if batch_invariant else "fast", kv_slot)
 
 
+def rank_parameters(cfg: ModelConfig, tp: int) -> int:
+    """[parallel] Parameters and buffers one rank of `tp` holds (parallel.rank_parameters)."""
+    from ..parallel import rank_parameters
+    return rank_parameters(cfg, tp)
+
+
 def parallel_text(t: TextConfig, tp: int) -> TextConfig:
     """[parallel] The attention geometry of one rank of `tp` (its KV cache)."""
     from ..parallel import Layout
@@ -307,7 +313,7 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
         cfg = cfg.with_canvas_length(canvas_length)
     want = parse_dtype(dtype) or checkpoint_dtype(Path(path))
     max_len = max_model_len or min(cfg.text.max_position_embeddings, 8192)  # LLM's default
-    params = count_parameters(cfg)
+    params = count_parameters(cfg) if tensor_parallel_size == 1 else rank_parameters(cfg, tensor_parallel_size)
     if available == -1:
         available = available_bytes(device)
     extra = vision_parts(Path(path), cfg, want)  # [vision]
