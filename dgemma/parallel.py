@@ -185,6 +185,16 @@ class Layout:
                        num_global_key_value_heads=self.kv_heads(text.num_attention_heads,
                                                                 text.num_global_key_value_heads)[1])
 
+    def expert_shards(self, t: TextConfig) -> tuple[Shard, Shard]:
+        """(gate_up_proj [E, 2M, H], down_proj [E, H, M]) slices: whole experts with expert parallelism, else every
+        expert's gate rows and up rows of this rank, and the matching columns of down."""
+        if self.expert_parallel:
+            e0, e1 = self.span(t.num_experts)
+            return Shard(0, ((e0, e1),)), Shard(0, ((e0, e1),))
+        m = t.moe_intermediate_size
+        a, b = self.span(m)
+        return Shard(1, ((a, b), (m + a, m + b))), Shard(2, ((a, b),))
+
     def shards(self, model) -> dict[str, Shard]:
         """Parameter name -> Shard for every split parameter of a DiffusionGemma (the rest are replicated)."""
         t = model.text
@@ -203,15 +213,7 @@ class Layout:
             out[p + "mlp.gate_proj.weight"] = Shard(0, ((a, b),))
             out[p + "mlp.up_proj.weight"] = Shard(0, ((a, b),))
             out[p + "mlp.down_proj.weight"] = Shard(1, ((a, b),))
-            if self.expert_parallel:  # whole experts per rank
-                e0, e1 = self.span(t.num_experts)
-                out[p + "experts.gate_up_proj"] = Shard(0, ((e0, e1),))
-                out[p + "experts.down_proj"] = Shard(0, ((e0, e1),))
-            else:  # every expert split by intermediate rows: gate rows and up rows of this rank
-                m = t.moe_intermediate_size
-                a, b = self.span(m)
-                out[p + "experts.gate_up_proj"] = Shard(1, ((a, b), (m + a, m + b)))
-                out[p + "experts.down_proj"] = Shard(2, ((a, b),))
+            out[p + "experts.gate_up_proj"], out[p + "experts.down_proj"] = self.expert_shards(t)
         start, real, per = self.vocab(t.vocab_size)
         out["embed_tokens.weight"] = Shard(0, ((start, start + real),), pad_to=per)
         return out

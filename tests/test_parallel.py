@@ -233,3 +233,14 @@ def test_plan_gives_one_ranks_memory():
     assert plans[2]["tensor_parallel_size"] == 2
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide"):
         parallel.rank_parameters(target.config, 3)
+
+
+def test_a_size_that_does_not_divide_the_model_is_refused_before_any_process_starts(ck):
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide this model: num_attention_heads 4"):
+        LLM(ck, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="FP8"):
+        LLM(ck, tensor_parallel_size=2, quantization="fp8")
+    assert len(multiprocessing.active_children()) == before
