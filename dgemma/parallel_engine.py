@@ -54,7 +54,8 @@ class LeaderEngine(Engine):
         if params.seed is None:  # the leader draws the seed, so that every rank uses the same one
             params = replace(params, seed=self._seed_rng.randrange(2**63))
         rid = super().add_request(prompt_ids, params, request_id, images=images)
-        self._pending.append(("add", [int(t) for t in prompt_ids], params, rid, images))
+        # the defaults travel with the request: a server may change them on the leader (--diffusion-config)
+        self._pending.append(("add", [int(t) for t in prompt_ids], params, rid, images, self.defaults))
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -93,7 +94,7 @@ def follow(engine: Engine, tp: TensorParallel) -> None:
             if cmd[0] == "stop":
                 return
             if cmd[0] == "add":
-                _, prompt, params, rid, images = cmd
+                _, prompt, params, rid, images, engine.defaults = cmd
                 engine.add_request(prompt, params, rid, images=images)
             elif cmd[0] == "abort":
                 engine.abort(cmd[1])

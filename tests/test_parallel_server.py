@@ -23,7 +23,8 @@ from dgemma.server import ServerConfig, cli
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--max-model-len", "128", "--max-num-seqs", "2", "--served-model-name", "tiny"]
+ARGS = ["--max-model-len", "128", "--max-num-seqs", "2", "--served-model-name", "tiny",
+        "--diffusion-config", '{"max_denoising_steps": 12, "t_min": 0.3}']  # server-wide defaults reach every rank
 
 
 @pytest.fixture(scope="module")
