@@ -119,11 +119,12 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantization: str | None = None, language_model_only: bool = False) -> Checkpoint:
+         quantization: str | None = None, language_model_only: bool = False, tp=None) -> Checkpoint:
     """Load a DiffusionGemma checkpoint folder. dtype None keeps the checkpoint's floating dtype (of the tensors that
     are not FP8). A compressed-tensors FP8 checkpoint loads in FP8; `quantization="fp8"` quantises a float one
     tensor by tensor as it loads (fp8.py). `language_model_only`: skip the vision tower (none of its tensors is
-    read; `model.vision` stays None)."""
+    read; `model.vision` stays None). `tp` (parallel.TensorParallel): load this rank's shard only, each split
+    tensor read as its slices (safetensors `get_slice`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -149,6 +150,12 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         if vision is not None:
             model.vision = vision
         scales = fp8.prepare(model, scheme, to_checkpoint_name) if scheme is not None else []
+    shards = {}
+    if tp is not None:  # [parallel]
+        if scheme is not None:
+            raise ValueError("tensor parallelism does not take FP8 weights yet: drop --quantization fp8 or use TP 1")
+        from . import parallel
+        shards = {to_checkpoint_name(n): s for n, s in parallel.shard_model(model, tp).items()}
     expected = {to_checkpoint_name(n): n for n in list(dict(model.named_parameters())) +
                 [n for n, _ in model.named_buffers() if "inv_freq" not in n]}
     if quantize:  # the scales are computed, not read
@@ -160,7 +167,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     progress = _progress(files)
     try:
         for file in files:
-            _load_file(model, file, expected, want, target, found, unexpected, passthrough, experts)
+            _load_file(model, file, expected, want, target, found, unexpected, passthrough, experts, shards)
             if progress is not None:
                 progress.advance(progress.task_ids[0], file.stat().st_size)
     finally:
@@ -189,9 +196,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
 
 def _load_file(model, file: Path, expected: dict, want, device: torch.device, found: set, unexpected: list,
-               passthrough: dict, experts: fp8.ExpertStacker | None = None) -> None:
+               passthrough: dict, experts: fp8.ExpertStacker | None = None, shards: dict | None = None) -> None:
     """Move one shard's tensors into the meta-device model, each straight to `device` (vision tensors dgemma does
-    not model are only noted, for save)."""
+    not model are only noted, for save). `shards`: checkpoint name -> parallel.Shard, tensors of which only this
+    rank's slices are read."""
     try:
         reader = WeightFile(file)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -213,7 +221,10 @@ def _load_file(model, file: Path, expected: dict, want, device: torch.device, fo
                 else:
                     unexpected.append(name)
                 continue
-            _assign_fp8(model, expected[name], reader, name, want, device)
+            if shards and name in shards:  # [parallel] read this rank's slices only
+                _assign(model, expected[name], _read_shard(reader, name, device, want, shards[name]), name, file)
+            else:
+                _assign_fp8(model, expected[name], reader, name, want, device)
             found.add(name)
 
 
@@ -308,6 +319,20 @@ def _read(reader: WeightFile, name: str, device: torch.device, want: torch.dtype
     except Exception as e:
         raise CheckpointError(f"{reader.path}: tensor {name} cannot be read ({e}); the file may be truncated") \
             from None
+
+
+def _read_shard(reader: WeightFile, name: str, device: torch.device, want: torch.dtype | None, shard) -> torch.Tensor:
+    """[parallel] This rank's slices of a float tensor (`parallel.Shard.read` through the file's memory map), on
+    `device` in `want` (None: the file's dtype)."""
+    dtype = reader.dtype(name)
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{reader.path}: tensor {name} has dtype {dtype}; tensor parallelism takes float32, "
+                              "bfloat16 or float16 tensors")
+    try:
+        t = shard.read(reader._mmap, name)
+    except Exception as e:
+        raise CheckpointError(f"{reader.path}: tensor {name} cannot be read as this rank's slice ({e})") from None
+    return t.to(device=device, dtype=want or t.dtype)
 
 
 def _assign(model: nn.Module, pname: str, t: torch.Tensor, name: str, file: Path) -> None:

@@ -117,6 +117,19 @@ def add_model_flags(p: Parser) -> None:
     p.add_argument("--language-model-only", action="store_true",
                    help="load the text model alone: the vision tower is not loaded, images are refused")
     add_mode_flags(p)
+    add_parallel_flags(p)
+
+
+def add_parallel_flags(p) -> None:
+    """Tensor and expert parallelism over several processes (docs/parallel.md)."""
+    g = p.add_argument_group("parallelism (docs/parallel.md)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (torch.distributed: NCCL on GPUs, gloo on the CPU); "
+                        "spawned here, or one per torchrun rank")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="place whole experts on ranks instead of splitting every expert")
+    g.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a collective that waits longer fails (a dead or stuck rank); default 300")
 
 
 def add_mode_flags(p) -> None:
@@ -191,7 +204,9 @@ def generate_main(argv: list[str]) -> int:
     check_device(args.device)
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_invariant=args.batch_invariant,
-              compile=args.compile, quantization=args.quantization, language_model_only=args.language_model_only)
+              compile=args.compile, quantization=args.quantization, language_model_only=args.language_model_only,
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+              tp_timeout_s=args.tp_timeout)
     load_s = time.perf_counter() - t0
     ids, images = chat_inputs(llm, prompt, args.image) if args.chat else (llm.encode(prompt), None)
     params = sampling_params(args, trace=bool(args.show_canvas or args.trace_out))

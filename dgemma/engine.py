@@ -144,7 +144,7 @@ class Engine:
                              f"{text.max_position_embeddings}")
         dev, S, C = model.device, config.max_num_seqs, self.C
         # The scratch tail holds the canvas K/V of the fast decode (read in place, never committed).
-        self.cache = KVCache(text, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C,
+        self.cache = KVCache(model.cache_config, S, config.max_model_len, dtype=model.dtype, device=dev, scratch=C,
                              block_size=config.block_size, num_blocks=config.kv_blocks)
         self.pool = BlockPool(config.kv_blocks, config.block_size)
         # Re-encoded before a cached prefix's end, to rebuild the sliding layers exactly (docs/kv_cache.md).

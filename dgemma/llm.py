@@ -5,7 +5,9 @@
     out = llm.generate(["To be, or not"], SamplingParams(max_new_tokens=128, seed=0))[0]
     print(out.text, out.steps_per_canvas, out.tokens_per_forward)
 
-`LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit), and
+`LLM.stream(prompt, params)` yields `StreamEvent`s (per-step drafts when `trace=True`, then one per commit),
+`LLM(model, tensor_parallel_size=2)` splits the model over two processes (parallel.py, docs/parallel.md; guard the
+script's entry point with `if __name__ == "__main__":`, as the other ranks are spawned), and
 `LLM(model, quantization="fp8")` holds the weights in FP8, quantised as they load (fp8.py); a compressed-tensors
 FP8 checkpoint loads in FP8 by itself. `LLM.chat(messages, params)` renders the checkpoint's chat template first;
 its messages may hold images (`{"type": "image", "image": PIL image | bytes | path}`) when the checkpoint has a
@@ -42,10 +44,33 @@ class LLM:
                  logits_budget_bytes: int = 512 * 2**20, batch_invariant: bool | None = None,
                  compile: bool | None = None, quantization: str | None = None, block_size: int = 64,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int | None = None, language_model_only: bool = False):
+                 max_num_batched_tokens: int | None = None, language_model_only: bool = False,
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 tp_timeout_s: float | None = None):
         path = checkpoint.resolve(model) if model is not None else default_model_path()
+        self.tp = None
+        if tensor_parallel_size != 1 or enable_expert_parallel:  # [parallel] docs/parallel.md
+            from . import parallel, parallel_engine
+
+            pcfg = parallel.ParallelConfig(tensor_parallel_size, enable_expert_parallel,
+                                           tp_timeout_s or parallel.DEFAULT_TIMEOUT_S)
+            if quantization == "fp8":
+                raise ValueError("tensor parallelism does not take FP8 weights yet: drop --quantization fp8")
+            from .config import ModelConfig
+            parallel.check_divisible(ModelConfig.from_file(path / "config.json").text, tensor_parallel_size,
+                                     enable_expert_parallel)
+            kwargs = dict(model=str(path), dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len, canvas_length=canvas_length,
+                          max_denoising_steps=max_denoising_steps, logits_budget_bytes=logits_budget_bytes,
+                          batch_invariant=batch_invariant, compile=compile, tensor_parallel_size=tensor_parallel_size,
+                          enable_expert_parallel=enable_expert_parallel, tp_timeout_s=pcfg.timeout_s,
+                          block_size=block_size, num_kv_blocks=num_kv_blocks,
+                          enable_prefix_caching=enable_prefix_caching,
+                          max_num_batched_tokens=max_num_batched_tokens, language_model_only=language_model_only)
+            self.tp = parallel_engine.start(pcfg, device, kwargs)
+            device = str(self.tp.device)
         ck = checkpoint.load(path, dtype=dtype, device=device, quantization=quantization,
-                             language_model_only=language_model_only)
+                             language_model_only=language_model_only, tp=self.tp)
         self.language_model_only = bool(language_model_only)
         if canvas_length is not None and canvas_length != ck.config.canvas_length:
             ck.model.config = ck.config = ck.config.with_canvas_length(canvas_length)
@@ -63,14 +88,32 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         t = ck.config.text
         max_len = max_model_len or min(t.max_position_embeddings, 8192)
-        self.engine = Engine(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
-                             defaults=self.generation, tokenizer=self.tokenizer,
-                             config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
-                                                 logits_budget_bytes=logits_budget_bytes,
-                                                 batch_invariant=batch_invariant, compile=compile,
-                                                 block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                                 enable_prefix_caching=enable_prefix_caching,
-                                                 max_num_batched_tokens=max_num_batched_tokens))
+        engine_cls, extra = Engine, {}
+        if self.tp is not None:
+            from .parallel_engine import LeaderEngine
+            engine_cls, extra = (LeaderEngine, {"tp": self.tp}) if self.tp.leader else (Engine, {})
+        self.engine = engine_cls(self.model, eos_token_ids=sorted(eos), pad_token_id=ck.generation.pad_token_id,
+                                 defaults=self.generation, tokenizer=self.tokenizer,
+                                 config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
+                                                     logits_budget_bytes=logits_budget_bytes,
+                                                     batch_invariant=batch_invariant, compile=compile,
+                                                     block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                                     enable_prefix_caching=enable_prefix_caching,
+                                                     max_num_batched_tokens=max_num_batched_tokens),
+                                 **extra)
+        if self.tp is not None:
+            from . import parallel_engine
+            self.tp.ready()  # every rank has its shard
+            if not self.tp.leader:  # a follower rank: serve the leader's steps, then leave the process
+                parallel_engine.run_follower(self.engine, self.tp)
+            parallel_engine.register_exit(self.close)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave the group (also done at exit); a no-op without TP."""
+        if self.tp is not None:
+            from . import parallel_engine
+            tp, self.tp = self.tp, None
+            parallel_engine.close(self.engine, tp)
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

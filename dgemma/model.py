@@ -134,6 +134,8 @@ def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
 
 
 class Layer(nn.Module):
+    tp = None  # [parallel] parallel.TensorParallel when the layer is sharded (parallel.shard_model)
+
     def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -163,12 +165,18 @@ class Layer(nn.Module):
             outs.append(o.reshape(b * n, -1))
             start = end
         attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-        h = x + self.post_attention_layernorm(self.self_attn.o_proj(attn))
+        o = self.self_attn.o_proj(attn)
+        if self.tp is not None:  # [parallel] sum the heads' partial outputs before the norm: one all-reduce
+            o = self.tp.all_reduce(o)
+        h = x + self.post_attention_layernorm(o)
 
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         weights, idx = self.router(h)
-        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), weights, idx))
-        out = h + self.post_feedforward_layernorm(dense + moe)
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), weights, idx)
+        if self.tp is not None:  # [parallel] each branch has its own norm next: both partials, one all-reduce
+            dense, moe = self.tp.all_reduce_pair(dense, moe)
+        out = h + self.post_feedforward_layernorm(self.post_feedforward_layernorm_1(dense)
+                                                  + self.post_feedforward_layernorm_2(moe))
         if isinstance(is_decoder, bool):  # every row in one mode: no per-row select
             return out * (self.layer_scalar if is_decoder else self.encoder_layer_scalar)
         return out * torch.where(is_decoder, self.layer_scalar, self.encoder_layer_scalar)
@@ -195,6 +203,8 @@ class SelfConditioning(MLP):
 class DiffusionGemma(nn.Module):
     """The text model. Parameter names equal the checkpoint's, less the `model.decoder.` prefix."""
 
+    tp = None  # [parallel] parallel.TensorParallel when the model is sharded (parallel.shard_model)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -204,6 +214,7 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.vision = None  # [vision] the image tower (vision.Vision) when the checkpoint has one; set by checkpoint.load
+        self.cache_config = t  # [parallel] the attention geometry of this rank's KV cache (its heads under TP)
         self.reset_rope()
 
     def reset_rope(self) -> None:
@@ -252,6 +263,8 @@ class DiffusionGemma(nn.Module):
         return torch.tensor(self.text.embed_scale, dtype=self.dtype, device=self.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # [parallel] vocabulary-parallel lookup
+            return self.tp.embed(ids, self.embed_tokens.weight, self.text.vocab_size) * self._scale()
         return self.embed_tokens(ids) * self._scale()
 
     def soft_embed(self, scaled_logits: torch.Tensor) -> torch.Tensor:
@@ -265,7 +278,13 @@ class DiffusionGemma(nn.Module):
         At inference the soft-cap runs in place on the fresh product. With `row_chunks` (the CPU's exact path) it
         goes a few cache-sized rows at a time (the same ops and values, no [*, V] temporaries streamed through
         memory); without, it is three whole-slab kernels (the fast path: no Python loop at a 262k vocabulary)."""
-        out = linear(hidden, self.embed_tokens.weight).float()
+        if self.tp is not None and not torch.is_grad_enabled():  # [parallel] this rank's columns, gathered in the
+            # weight dtype (half the bytes of fp32 in bf16; the upcast and the cap are per element: the same values)
+            out = self.tp.gather_vocab(linear(hidden, self.embed_tokens.weight), self.text.vocab_size)
+            return self._cap(out.float(), row_chunks)
+        return self._cap(linear(hidden, self.embed_tokens.weight).float(), row_chunks)
+
+    def _cap(self, out: torch.Tensor, row_chunks: bool) -> torch.Tensor:
         cap = self.text.final_logit_softcapping
         if cap is None:
             return out

@@ -128,12 +128,22 @@ class Experts(nn.Module):
         one bf16 step per layer.
         """
         n, k = idx.shape
+        local = self.expert_range is not None
+        if local:  # [parallel] expert parallel: this rank's experts only; the others' assignments go last and count 0
+            e0, e1 = self.expert_range
+            mine = (idx >= e0) & (idx < e1)
+            idx = torch.where(mine, idx - e0, e1 - e0)
         ids, order = idx.flatten().sort()
         xs = x[order // k]
         ys = self._per_expert(xs, ids) if batch_invariant.enabled() else self._grouped(xs, ids)
         y = torch.empty_like(ys)
         y[order] = ys
-        return (y.view(n, k, x.shape[1]) * weights[..., None]).sum(1).to(x.dtype)
+        y = y.view(n, k, x.shape[1])
+        if local:
+            y = y.masked_fill(~mine[..., None], 0)
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+    expert_range: tuple[int, int] | None = None  # [parallel] (first, end) of the experts this rank holds (EP)
 
     def _grouped(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Fast mode: two grouped GEMMs over all experts, group ends found on the device (no host sync)."""
@@ -161,7 +171,7 @@ class Experts(nn.Module):
 
     def _per_expert(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact mode: one row-tiled matmul pair per expert hit, so a row's result never depends on its group."""
-        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()[:self.gate_up_proj.shape[0]]
         ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
@@ -172,6 +182,8 @@ class Experts(nn.Module):
                 gate, up = linear(xs[start:start + c], w1, EXPERT_TILE).chunk(2, dim=-1)
                 ys.append(linear(gelu_tanh(gate) * up, w2, EXPERT_TILE))
                 start += c
+        if start < xs.shape[0]:  # [parallel] assignments to other ranks' experts (sorted last): zeros
+            ys.append(xs.new_zeros(xs.shape[0] - start, self.down_proj.shape[1]))
         if not ys:
             return xs.new_empty(0, self.down_proj.shape[1])
         return torch.cat(ys) if len(ys) > 1 else ys[0]

@@ -91,6 +91,7 @@ class PlanRequest:
     block_size: int = 64
     num_kv_blocks: int | None = None  # None: the pool takes the memory left (at most max_num_seqs full lengths)
     max_num_batched_tokens: int | None = None
+    tensor_parallel_size: int = 1  # [parallel] plan one rank of N (docs/parallel.md)
 
 
 def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
@@ -102,6 +103,10 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         raise ConfigError(f"--max-model-len {req.max_model_len} exceeds the model's max_position_embeddings "
                           f"{cfg.text.max_position_embeddings}")
     params = memory.count_parameters(cfg)
+    if req.tensor_parallel_size > 1:  # [parallel]
+        if req.quantization == "fp8" or fp8_config(cfg):
+            raise ConfigError("tensor parallelism does not take FP8 weights yet")
+        params = memory.rank_parameters(cfg, req.tensor_parallel_size)  # one rank's share
     extra = (() if req.language_model_only else memory.vision_parts(target.checkpoint, cfg, req.dtype)
              if target.checkpoint is not None else memory.vision_parts_from_config(cfg, req.dtype))
     available = int(req.gpu_memory_gib * GiB)
@@ -116,7 +121,8 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
                            max_waiting=req.max_waiting, prefill_chunk=req.prefill_chunk,
                            batch_invariant=req.batch_invariant, cuda_graphs=graphs, params=params,
                            available=available, extra=extra, weight_bytes=weights, block_size=req.block_size,
-                           num_kv_blocks=req.num_kv_blocks, max_num_batched_tokens=req.max_num_batched_tokens)
+                           num_kv_blocks=req.num_kv_blocks, max_num_batched_tokens=req.max_num_batched_tokens,
+                           tensor_parallel_size=req.tensor_parallel_size)
 
     p = make(req.max_num_seqs)
     short_len = min(SHORT_REQUEST, req.max_model_len)
@@ -132,6 +138,7 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
         "canvas_length": cfg.canvas_length,
         "max_model_len": req.max_model_len,
         "max_num_seqs": req.max_num_seqs,
+        "tensor_parallel_size": req.tensor_parallel_size,
         "prefill_chunk": req.prefill_chunk,
         "max_num_batched_tokens": req.max_num_batched_tokens or req.prefill_chunk,
         "gpu_memory_gib": req.gpu_memory_gib,
@@ -158,8 +165,15 @@ def make_plan(target: PlanTarget, req: PlanRequest) -> dict:
     }
 
 
+def fp8_config(cfg: ModelConfig) -> bool:
+    from . import fp8
+    return fp8.Fp8Scheme.from_config(cfg.raw) is not None
+
+
 def render(plan: dict) -> str:
-    lines = [f"memory plan for {plan['model']} ({plan['dtype']}, {plan['mode']} mode"
+    tp = plan.get("tensor_parallel_size", 1)
+    lines = [f"memory plan {'per rank of %d tensor-parallel ranks ' % tp if tp > 1 else ''}for {plan['model']} "
+             f"({plan['dtype']}, {plan['mode']} mode"
              f"{', CUDA graphs' if plan['cuda_graphs'] else ''}"
              f"{', text model only' if plan['language_model_only'] else ''}, canvas {plan['canvas_length']}, "
              f"--max-model-len {plan['max_model_len']}, --max-num-seqs {plan['max_num_seqs']})"]
@@ -204,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks in the KV pool (default: what the memory left holds)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="prompt tokens per step (default: "
                    "--prefill-chunk)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="plan one rank of N tensor-parallel ranks (its weight shards and KV heads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -219,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.canvas_length is not None and args.canvas_length < 1:
             raise ValueError(f"--canvas-length must be positive, got {args.canvas_length}")
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
         if not args.gpu_memory_gib > 0:
             raise ValueError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
         dtype = parse_dtype(args.dtype)
@@ -227,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         req = PlanRequest(args.max_model_len, args.max_num_seqs, args.gpu_memory_gib, dtype, args.canvas_length,
                           args.batch_invariant, args.cuda_graphs, args.prefill_chunk, args.max_waiting,
                           args.quantization, args.language_model_only, args.block_size, args.num_kv_blocks,
-                          args.max_num_batched_tokens)
+                          args.max_num_batched_tokens,
+                          tensor_parallel_size=args.tensor_parallel_size)
         plan = make_plan(find_config(args.model), req)
     except (ConfigError, ValueError) as e:
         print(f"dgemma plan: error: {e}", file=sys.stderr)

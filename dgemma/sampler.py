@@ -245,11 +245,24 @@ def self_conditioning_probs(z: Tensor, dtype: torch.dtype, *, probs: Tensor | No
 
 def self_conditioning_matmul(probs: Tensor, embedding: Tensor, embed_scale: float | None = None) -> Tensor:
     """probs [..., V] (embedding dtype) @ embedding [V, hidden], times embed_scale rounded to that dtype if given
-    (HF's `* embed_tokens.embed_scale`)."""
-    out = torch.matmul(probs, embedding)
+    (HF's `* embed_tokens.embed_scale`). Under tensor parallelism `embedding` is this rank's vocabulary shard
+    (padded): the partial products are all-reduced (parallel.py)."""
+    if probs.shape[-1] == embedding.shape[0]:
+        out = torch.matmul(probs, embedding)
+    else:
+        out = _vocab_parallel(probs, embedding)
     if embed_scale is not None:
         out = out * torch.tensor(embed_scale, dtype=torch.float32, device=out.device).to(embedding.dtype)
     return out
+
+
+def _vocab_parallel(probs: Tensor, shard: Tensor) -> Tensor:
+    from . import parallel
+
+    tp = parallel.current()
+    if tp is None:
+        raise ValueError(f"probabilities over {probs.shape[-1]} tokens against an embedding of {shard.shape[0]} rows")
+    return tp.vocab_matmul(probs, shard)
 
 
 def self_conditioning_embeddings(

@@ -57,6 +57,9 @@ class ServerConfig:
     # full-length requests' worth)
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int | None = None  # prompt tokens per step (None: one 2,048-token chunk)
+    tensor_parallel_size: int = 1  # [parallel] ranks the model is split over (docs/parallel.md)
+    enable_expert_parallel: bool = False  # [parallel] whole experts per rank
+    tp_timeout_s: float | None = None  # [parallel] collective timeout (None: parallel.DEFAULT_TIMEOUT_S)
 
     def __post_init__(self) -> None:
         for name in ("port", "max_num_seqs", "max_waiting", "max_body_bytes", "retry_after_s", "block_size"):

@@ -109,6 +109,8 @@ def create_app(llm, config: ServerConfig) -> FastAPI:
         st.engine.start()
         yield
         st.engine.shutdown()
+        if hasattr(llm, "close"):
+            llm.close()  # [parallel] stops the other tensor-parallel ranks
 
     # With --api-key the interactive docs are off and the schema needs the key (GET /openapi.json below).
     keyless = config.api_key is None

@@ -27,6 +27,7 @@ from ..engine import Engine
 from ..constraint import ConstraintError
 from ..outputs import Failure, RequestOutput, StreamEvent
 from ..sampling_params import SamplingParams
+from ..parallel import CollectiveError
 from .memory import kv_usage
 from .metrics import ServerMetrics
 
@@ -205,6 +206,9 @@ class AsyncEngine:
         try:
             events = eng.step()
         except Exception as e:  # not one request's failure (the engine ends those alone): fail them all
+            if isinstance(e, CollectiveError):  # [parallel] a rank is lost: fail everything and stop serving
+                self._fatal(e)
+                return
             log.exception("engine step failed")
             self._fail_all(f"engine failure: {e}")
             return
@@ -250,6 +254,21 @@ class AsyncEngine:
         for rid in admitted:
             self._submitted.pop(rid, None)
         self._gauges()
+
+    def _fatal(self, e: Exception) -> None:
+        """[parallel] The tensor-parallel group broke: every request fails, the loop ends, the server shuts down
+        (`dgemma serve` then exits non-zero)."""
+        log.error("%s; shutting down", e)
+        eng = self.engine
+        ids = [s.id for s in eng.slots if s is not None] + [s.id for s in eng.waiting]
+        self._post([StreamEvent(rid, "error", text_delta=f"engine failure: {e}") for rid in ids])
+        self.fatal = str(e)
+        self._cmds.put(("stop",))
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
+
+    fatal: str | None = None
+    on_fatal = None  # called with the message from the engine thread (the app stops uvicorn)
 
     def _gauges(self) -> None:
         with self.metrics.lock:

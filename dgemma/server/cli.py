@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import replace
 
-from ..cli import Parser, add_mode_flags, check_device
+from ..cli import Parser, add_mode_flags, add_parallel_flags, check_device
 from . import ServerConfig
 
 log = logging.getLogger("dgemma.server")
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory-check", action="store_true", help="skip refusing configurations the plan says won't fit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_mode_flags(p)
+    add_parallel_flags(p)  # [parallel]
     add_media_flags(p)  # [vision]
     return p
 
@@ -128,7 +129,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         check_memory=not args.no_memory_check, log_level=args.log_level, media=media_policy(args),
         batch_invariant=args.batch_invariant, compile=args.compile, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
-        max_num_batched_tokens=args.max_num_batched_tokens)
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        tp_timeout_s=args.tp_timeout)
 
 
 def media_policy(args: argparse.Namespace):
@@ -158,7 +161,8 @@ def build(config: ServerConfig):
                                        canvas_length=config.canvas_length, max_waiting=config.max_waiting,
                                        batch_invariant=config.batch_invariant, block_size=config.block_size,
                                        num_kv_blocks=config.num_kv_blocks,
-                                       max_num_batched_tokens=config.max_num_batched_tokens)
+                                       max_num_batched_tokens=config.max_num_batched_tokens,
+                                       tensor_parallel_size=config.tensor_parallel_size)
         blocks = plan.num_kv_blocks  # the pool the plan sized (or checked)
         log.info("memory plan (fits):\n%s", plan.describe())
     llm = LLM(path, dtype=config.dtype, device=config.device, max_num_seqs=config.max_num_seqs,
@@ -167,7 +171,9 @@ def build(config: ServerConfig):
               compile=config.compile, quantization=config.quantization, block_size=config.block_size,
               num_kv_blocks=blocks, enable_prefix_caching=config.enable_prefix_caching,
               max_num_batched_tokens=config.max_num_batched_tokens,
-              language_model_only=config.language_model_only)
+              language_model_only=config.language_model_only,
+              tensor_parallel_size=config.tensor_parallel_size, enable_expert_parallel=config.enable_expert_parallel,
+              tp_timeout_s=config.tp_timeout_s)
     # Drafts are streamed as they happen; keeping every step's canvas per request would grow without bound.
     llm.engine.cfg = replace(llm.engine.cfg, keep_traces=False)
     if config.diffusion_defaults:
@@ -245,7 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dgemma serve: serving {config.model_name} on http://{host}:{sock.getsockname()[1]} (playground at /)",
               file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level))
+
+        def stop(message: str) -> None:  # [parallel] a lost rank ends the server
+            app.state.fatal = message
+            server.should_exit = True
+
+        app.state.server.engine.on_fatal = stop
         server.run(sockets=[sock])
+        if getattr(app.state, "fatal", None):  # [parallel] a tensor-parallel rank was lost: the server stopped
+            print(f"dgemma serve: error: {app.state.fatal}", file=sys.stderr)
+            return 1
     return 0
 
 

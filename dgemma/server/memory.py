@@ -223,7 +223,7 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
          batch_invariant: bool = True, cuda_graphs: bool = False, params: int | None = None,
          available: int | None = -1, extra: tuple[tuple[str, int], ...] = (),
          weight_bytes: int | None = None, block_size: int = 64, num_kv_blocks: int | None = None,
-         max_num_batched_tokens: int | None = None) -> MemoryPlan:
+         max_num_batched_tokens: int | None = None, tensor_parallel_size: int = 1) -> MemoryPlan:
     """The plan for one configuration (module doc). `available=-1` asks the device; pass a number to plan against
     it. `batch_invariant` picks the engine mode (exact: True, fast: False); `cuda_graphs`: the fast step is
     captured (fast mode on CUDA by default; its full layers then read the pool with FlexAttention, otherwise by a
@@ -232,7 +232,11 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
     memory is unknown)."""
     t, S, C, V = cfg.text, max_num_seqs, cfg.canvas_length, cfg.text.vocab_size
     elem = torch.empty((), dtype=dtype).element_size()
-    params = count_parameters(cfg) if params is None else params
+    tp = tensor_parallel_size
+    if params is None:
+        params = count_parameters(cfg) if tp == 1 else rank_parameters(cfg, tp)
+    if tp > 1:  # [parallel] one rank's share (`params` counts its weight slices), its KV heads (parallel.py)
+        t = parallel_text(t, tp)
     budget = max_num_batched_tokens or prefill_chunk
     new = min(max(min(prefill_chunk, budget), C), max_model_len)  # tokens one row encodes in a forward
     per_request = -(-max_model_len // block_size)  # blocks of one full-length request
@@ -280,6 +284,10 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
                                                     "every captured shape"))
     else:
         parts.append(("logits slab (sampler)", slab))
+    if tp > 1:  # [parallel] the LM head's local columns and the all-gather's buffer and reordered copy
+        parts.append(("tensor-parallel logits gather", rows_per_slab * C * (-(-V // tp) + 2 * V) * 4))
+        notes.append(("tensor-parallel logits gather", f"per rank of {tp}: local logit columns, the gathered "
+                                                       "buffer and its vocabulary-ordered copy (fp32)"))
     parts.append(("denoising state (canvas, self-cond.)", S * C * (8 + 8 + t.hidden_size * elem) + S * 8))
     if str(device) == "cpu":  # host memory: it shares the budget only when the model runs on the CPU
         parts.append(("queued and running prompts", (S + max_waiting) * max_model_len * 36))  # Python int lists
@@ -317,6 +325,18 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, *, device: str = "cpu", max_num_s
                       "exact" if batch_invariant else "fast", kv_slot, blocks, block_size, per_request)
 
 
+def rank_parameters(cfg: ModelConfig, tp: int) -> int:
+    """[parallel] Parameters and buffers one rank of `tp` holds (parallel.rank_parameters)."""
+    from ..parallel import rank_parameters
+    return rank_parameters(cfg, tp)
+
+
+def parallel_text(t: TextConfig, tp: int) -> TextConfig:
+    """[parallel] The attention geometry of one rank of `tp` (its KV cache)."""
+    from ..parallel import Layout
+    return Layout(0, tp).local_text(t)
+
+
 def largest_fitting(make_plan, upper: int) -> int:
     """The largest max_num_seqs in [0, upper] whose plan fits (plans grow with it, so bisect)."""
     lo, hi = 0, upper
@@ -342,7 +362,7 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
                      canvas_length: int | None, max_waiting: int, batch_invariant: bool | None = None,
                      available: int | None = -1, quantization: str | None = None, block_size: int = 64,
                      num_kv_blocks: int | None = None, max_num_batched_tokens: int | None = None,
-                     language_model_only: bool = False) -> MemoryPlan:
+                     language_model_only: bool = False, tensor_parallel_size: int = 1) -> MemoryPlan:
     """Plan for a checkpoint folder as `LLM` would load it; raise MemoryPlanError if it cannot fit.
     `language_model_only`: the vision tower is not loaded, so not planned."""
     from ..checkpoint import parse_dtype
@@ -352,7 +372,7 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
         cfg = cfg.with_canvas_length(canvas_length)
     want = parse_dtype(dtype) or checkpoint_dtype(Path(path))
     max_len = max_model_len or min(cfg.text.max_position_embeddings, 8192)  # LLM's default
-    params = count_parameters(cfg)
+    params = count_parameters(cfg) if tensor_parallel_size == 1 else rank_parameters(cfg, tensor_parallel_size)
     if available == -1:
         available = available_bytes(device)
     extra = () if language_model_only else vision_parts(Path(path), cfg, want)  # [vision]
@@ -366,8 +386,11 @@ def check_checkpoint(path: Path, *, dtype: str | None, device: str, max_num_seqs
         return plan(cfg, want, device=device, max_num_seqs=s, max_model_len=max_len, max_waiting=max_waiting,
                     params=params, available=available, extra=extra, batch_invariant=bi, cuda_graphs=graphs,
                     weight_bytes=weights, block_size=block_size, num_kv_blocks=num_kv_blocks,
-                    max_num_batched_tokens=max_num_batched_tokens)
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    tensor_parallel_size=tensor_parallel_size)
 
+    if tensor_parallel_size > 1 and available is not None and torch.device(device).type == "cpu":
+        available //= tensor_parallel_size  # [parallel] CPU ranks share the host's memory
     p = make(max_num_seqs)
     if not p.fits:
         raise MemoryPlanError(refusal(p, make, cfg, want))
