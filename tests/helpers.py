@@ -142,3 +142,11 @@ def hf_replay(monkeypatch, draws, rows: int, C: int):
     from dgemma.hf_oracle import replay_draws
 
     return replay_draws(draws, rows, C)
+
+
+def fast_engine(llm, max_num_seqs: int = 4):
+    """A fast-mode (batch_invariant=False) engine over an LLM's model, tokenizer and defaults."""
+    from dgemma.engine import Engine, EngineConfig
+    e = llm.engine
+    return Engine(llm.model, eos_token_ids=sorted(e.eos_ids), pad_token_id=e.pad_id, defaults=e.defaults,
+                  tokenizer=llm.tokenizer, config=EngineConfig(max_num_seqs=max_num_seqs, batch_invariant=False))

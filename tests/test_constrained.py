@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from dgemma.constraint import ConstraintError
-from dgemma.engine import Engine, EngineConfig
 from dgemma.llm import LLM
 from dgemma.sampling_params import SamplingParams
+from helpers import fast_engine
 
 SEEDS = range(20)
 FAST = dict(max_denoising_steps=6, max_new_tokens=128)  # few steps: validity does not depend on the step count
@@ -142,9 +142,7 @@ def test_constrained_output_independent_of_batch_mates_and_reproducible(llm):
 def test_fast_mode_runs_constrained_rows_on_the_per_row_path(llm):
     """In fast mode (batch_invariant=False) a constrained request leaves the fixed-shape step: its rows are decoded
     per row while its unconstrained batch mates take the fast step; both stay as they would be."""
-    eng = Engine(llm.model, eos_token_ids=sorted(llm.engine.eos_ids), pad_token_id=llm.engine.pad_id,
-                 defaults=llm.engine.defaults, tokenizer=llm.tokenizer,
-                 config=EngineConfig(max_num_seqs=4, batch_invariant=False))
+    eng = fast_engine(llm)
     prompt = llm.encode("ROMEO:")
     plain = SamplingParams(seed=2, **FAST)
     ref_plain = eng.run([(prompt, plain)])[0].token_ids

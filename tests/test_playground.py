@@ -42,13 +42,19 @@ def browser():
         b.close()
 
 
-def test_playground_shows_the_canvas_filling_in(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1280, "height": 860})
+def open_playground(server, browser, height: int, prompt: str):
+    """A page on the playground, its model listed, a completion prompt typed in."""
+    page = browser.new_page(viewport={"width": 1280, "height": height})
     page.set_default_timeout(60_000)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
-    page.fill("#prompt", "To be, or not to be, that is the question")
+    page.fill("#prompt", prompt)
     page.select_option("#mode", "completion")
+    return page
+
+
+def test_playground_shows_the_canvas_filling_in(server, browser, tmp_path):
+    page = open_playground(server, browser, 860, "To be, or not to be, that is the question")
     # Knobs under which even random weights visibly converge: the temperature anneals from 1.0 to 0.02 over 8 steps,
     # so entropies fall and the entropy bound admits more and more positions as the canvas is denoised.
     knobs = {"max_tokens": "40", "seed": "4", "max_denoising_steps": "8", "entropy_bound": "4", "t_min": "0.02",
@@ -98,12 +104,7 @@ def test_playground_page_and_assets_are_served(server):
 
 def test_playground_marks_pinned_and_constrained_positions(server, browser, tmp_path):
     """A template request: the canvas shows the template's pinned tokens and the positions the constraint forces."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(60_000)
-    page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
-    page.fill("#prompt", "To be, or not to be")
-    page.select_option("#mode", "completion")
+    page = open_playground(server, browser, 900, "To be, or not to be")
     for knob, value in {"max_tokens": "32", "seed": "3", "max_denoising_steps": "4", "delay": "30"}.items():
         page.fill(f"#{knob}", value)
     page.select_option("#constraint_kind", "template")

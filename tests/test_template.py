@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from dgemma.constraint import ll_tokenizer, template_pins
-from dgemma.engine import Engine, EngineConfig
 from dgemma.llm import LLM
 from dgemma.sampling_params import SamplingParams
+from helpers import fast_engine
 from dgemma.template import Fixed, Hole, match_output, parse_template, template_lark
 
 SEEDS = range(20)
@@ -114,9 +114,7 @@ def test_template_longer_than_a_canvas_pins_the_second_canvas(llm, lt):
 
 
 def test_template_in_fast_mode_with_an_unconstrained_mate(llm, lt):
-    eng = Engine(llm.model, eos_token_ids=sorted(llm.engine.eos_ids), pad_token_id=llm.engine.pad_id,
-                 defaults=llm.engine.defaults, tokenizer=llm.tokenizer,
-                 config=EngineConfig(max_num_seqs=4, batch_invariant=False))
+    eng = fast_engine(llm)
     prompt = llm.encode("ROMEO:")
     plain = SamplingParams(seed=2, **FAST)
     ref_plain = eng.run([(prompt, plain)])[0].token_ids
