@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import pickle
 import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -334,14 +333,14 @@ class TensorParallel:
         full = out.view(self.size, *local.shape).movedim(0, -2).reshape(*local.shape[:-1], self.size * local.shape[-1])
         return full if full.shape[-1] == vocab_size else full[..., :vocab_size].contiguous()
 
-    def broadcast_plan(self, plan: list | None) -> list:
-        """The leader's step plan (a small list of commands) to every rank, on the control group: one fixed
-        4 KiB broadcast (a second one when the plan is larger). The leader waits at most the collective timeout (a
-        stuck follower is an error); followers wait for as long as the leader idles. The plan is pickled, as
-        `broadcast_object_list` would: it travels only between the ranks of this group."""
+    def broadcast_plan(self, plan: bytes | None) -> bytes:
+        """The leader's step plan (bytes: parallel_engine encodes it as JSON, tensors as safetensors, never a
+        pickle) to every rank, on the control group: one fixed 4 KiB broadcast (a second one when the plan is larger).
+        The leader waits at most the collective timeout (a stuck follower is an error); followers wait for as long as
+        the leader idles."""
         head = torch.zeros(PLAN_BYTES, dtype=torch.uint8)
         if self.leader:
-            data = pickle.dumps(plan)
+            data = plan
             head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
             if len(data) <= PLAN_BYTES - 8:
                 head[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -352,7 +351,7 @@ class TensorParallel:
             body = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader else \
                 torch.empty(n, dtype=torch.uint8)
             self._broadcast(body)
-        return plan if self.leader else pickle.loads(body.numpy().tobytes())
+        return plan if self.leader else body.numpy().tobytes()
 
     def _broadcast(self, t: torch.Tensor) -> None:
         self.stats.add("plan_broadcast", t.numel())

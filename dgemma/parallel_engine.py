@@ -2,8 +2,8 @@
 
 Every rank runs the same deterministic `Engine` over its shard. Rank 0 (`LeaderEngine`) owns the scheduler, the
 API and the HTTP server: it takes requests and aborts, gives every request its seed and id, and at each `step()`
-first broadcasts the commands that arrived since the last step (one `broadcast_object_list` on a gloo control
-group), then steps. The other ranks (`follow`) receive that plan, apply the same commands in the same order, and
+first broadcasts the commands that arrived since the last step (`encode_plan`: JSON, image tensors as safetensors,
+never a pickle; one fixed-size broadcast on a gloo control group), then steps. The other ranks (`follow`) receive that plan, apply the same commands in the same order, and
 step too. Admission, slot choice, canvas starts, sampling and commits are functions of those commands and of the
 step's results, which are the same on every rank (the logits are all-gathered, so every rank samples the same
 tokens from the same seeds): the ranks stay in lockstep without any other message.
@@ -23,17 +23,21 @@ on the others: the leader fails its requests and exits non-zero, followers print
 from __future__ import annotations
 
 import atexit
+import base64
+import json
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
 from . import parallel
 from .engine import Engine
 from .parallel import CollectiveError, ParallelConfig, TensorParallel
+from .config import GenerationConfig
 from .sampling_params import SamplingParams
+from .vision_prompt import PromptImages
 
 log = logging.getLogger("dgemma")
 SPAWNED = "DGEMMA_TP_RANK"  # set in the processes `start` spawns: "RANK@tcp://HOST:PORT"
@@ -69,7 +73,7 @@ class LeaderEngine(Engine):
             raise CollectiveError("the tensor-parallel group is closed")
         plan, self._pending = self._pending, []
         try:
-            self.tp.broadcast_plan(plan)
+            self.tp.broadcast_plan(encode_plan(plan))
             return super().step()
         except CollectiveError:
             self.failed = True
@@ -82,15 +86,74 @@ class LeaderEngine(Engine):
         self.closed = True
         if not self.failed:
             try:
-                self.tp.broadcast_plan([("stop",)])
+                self.tp.broadcast_plan(encode_plan([("stop",)]))
             except CollectiveError as e:
                 log.warning("%s", e)
+
+
+_TUPLES = {"stop", "stop_token_ids", "choice", "eos_token_ids"}  # dataclass fields that JSON turns into lists
+
+
+def _fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _dataclass(cls, d: dict):
+    return cls(**{k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in d.items()})
+
+
+def _images(images: PromptImages | None) -> dict | None:
+    """[vision] A prompt's images: tensors as one safetensors blob (base64), the rest as JSON."""
+    if images is None:
+        return None
+    from safetensors.torch import save
+    tensors = {k: v.contiguous() for k, v in _fields(images).items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in _fields(images).items() if not isinstance(v, torch.Tensor)}
+    return {"tensors": base64.b64encode(save(tensors)).decode("ascii"), **rest}
+
+
+def _unimages(d: dict | None) -> PromptImages | None:
+    if d is None:
+        return None
+    from safetensors.torch import load
+    d = dict(d)
+    tensors = load(base64.b64decode(d.pop("tensors")))
+    return PromptImages(**d, **tensors)
+
+
+def encode_plan(plan: list) -> bytes:
+    """A step plan (commands: ("add", prompt, params, id, images, defaults), ("abort", id), ("stop",)) as bytes:
+    JSON, with image tensors in safetensors. Only these types travel; nothing is unpickled on the other side."""
+    out = []
+    for cmd in plan:
+        if cmd[0] == "add":
+            _, prompt, params, rid, images, defaults = cmd
+            if defaults is not None and not isinstance(defaults, GenerationConfig):
+                raise TypeError(f"engine defaults must be a GenerationConfig to travel, not {type(defaults).__name__}")
+            out.append({"op": "add", "prompt": prompt, "params": _fields(params), "id": rid,
+                        "images": _images(images), "defaults": None if defaults is None else _fields(defaults)})
+        else:
+            out.append({"op": cmd[0], "args": list(cmd[1:])})
+    return json.dumps(out).encode()
+
+
+def decode_plan(data: bytes) -> list:
+    """The commands `encode_plan` wrote."""
+    cmds = []
+    for c in json.loads(data):
+        if c["op"] == "add":
+            defaults = None if c["defaults"] is None else _dataclass(GenerationConfig, c["defaults"])
+            cmds.append(("add", c["prompt"], _dataclass(SamplingParams, c["params"]), c["id"],
+                         _unimages(c["images"]), defaults))
+        else:
+            cmds.append((c["op"], *c["args"]))
+    return cmds
 
 
 def follow(engine: Engine, tp: TensorParallel) -> None:
     """A follower rank's loop: apply the leader's commands, step, until the leader says stop."""
     while True:
-        for cmd in tp.broadcast_plan(None):
+        for cmd in decode_plan(tp.broadcast_plan(None)):
             if cmd[0] == "stop":
                 return
             if cmd[0] == "add":

@@ -246,3 +246,34 @@ def test_a_size_that_does_not_divide_the_model_is_refused_before_any_process_sta
     with pytest.raises(ValueError, match="FP8"):
         LLM(ck, tensor_parallel_size=2, quantization="fp8")
     assert len(multiprocessing.active_children()) == before
+
+
+def test_the_step_plan_travels_as_json_and_safetensors_not_pickle():
+    """Every command the leader sends (requests with a schema, a choice, stops and seeds, its images, the engine
+    defaults; an abort; stop) comes back equal from bytes that are JSON (image tensors inside as safetensors)."""
+    import json
+
+    from dgemma.config import GenerationConfig
+    from dgemma.parallel_engine import decode_plan, encode_plan
+    from dgemma.vision_prompt import PromptImages
+
+    params = SamplingParams(seed=7, stop=("\n\n",), stop_token_ids=(3,), top_k=5, max_new_tokens=9)
+    choice = SamplingParams(seed=2, choice=("yes", "no"))
+    schema = SamplingParams(seed=1, json_schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    images = PromptImages(pixel_values=torch.randn(1, 4, 12), positions=torch.arange(8).view(1, 4, 2),
+                          token_index=torch.tensor([2, 3]), blocks=torch.tensor([-1, -1, 0, 0]), counts=[2],
+                          digests=["ab"])
+    defaults = GenerationConfig(max_denoising_steps=7, eos_token_ids=(1, 2))
+    plan = [("add", [5, 6, 7, 8], params, "req-1", images, defaults), ("add", [5], schema, "req-2", None, None),
+            ("add", [4], choice, "req-3", None, None),
+            ("abort", "req-1"), ("stop",)]
+    data = encode_plan(plan)
+    json.loads(data)  # plain JSON
+    back = decode_plan(data)
+    assert back[0][:4] == ("add", [5, 6, 7, 8], params, "req-1") and back[0][5] == defaults
+    got = back[0][4]
+    for name in ("pixel_values", "positions", "token_index", "blocks"):
+        assert torch.equal(getattr(got, name), getattr(images, name)), name
+    assert got.counts == [2] and got.digests == ["ab"] and got.embeds is None
+    assert back[1] == ("add", [5], schema, "req-2", None, None) and back[2] == ("add", [4], choice, "req-3", None, None)
+    assert back[3:] == [("abort", "req-1"), ("stop",)]
