@@ -1,12 +1,13 @@
 """Rank 0 schedules, the other ranks follow: the engine side of tensor parallelism (parallel.py shards the model).
 
-Every rank runs the same deterministic `Engine` over its shard. Rank 0 (`LeaderEngine`) owns the scheduler, the
-API and the HTTP server: it takes requests and aborts, gives every request its seed and id, and at each `step()`
-first broadcasts the commands that arrived since the last step (`encode_plan`: JSON, image tensors as safetensors,
-never a pickle; one fixed-size broadcast on a gloo control group), then steps. The other ranks (`follow`) receive that plan, apply the same commands in the same order, and
-step too. Admission, slot choice, canvas starts, sampling and commits are functions of those commands and of the
-step's results, which are the same on every rank (the logits are all-gathered, so every rank samples the same
-tokens from the same seeds): the ranks stay in lockstep without any other message.
+Every rank runs the same deterministic `Engine` over its shard. Rank 0 (`LeaderEngine`) owns the scheduler, the API
+and the HTTP server: it takes requests and aborts, gives every request its seed and id, and at each `step()` first
+broadcasts the commands that arrived since the last step (`encode_plan`: JSON, image tensors as safetensors, never a
+pickle; one fixed-size broadcast on a gloo control group), then steps. The other ranks (`follow`) receive that plan,
+apply the same commands in the same order, and step too. Admission, slot choice, canvas starts, sampling and commits
+are functions of those commands and of the step's results, which are the same on every rank (the logits are
+all-gathered, so every rank samples the same tokens from the same seeds): the ranks stay in lockstep without any
+other message.
 
 How the ranks start (`start`):
 - under torchrun (RANK and WORLD_SIZE set), each process is one rank; in every process `LLM(...,
