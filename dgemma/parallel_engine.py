@@ -69,6 +69,14 @@ class LeaderEngine(Engine):
             self._pending.append(("abort", request_id))
         return found
 
+    def fail(self, request_id: str, failure):
+        """End a request with an error here, and have the followers drop it too (a server's fallback when an abort
+        fails): otherwise their slots would drift from the leader's."""
+        event = super().fail(request_id, failure)
+        if event is not None:
+            self._pending.append(("abort", request_id))
+        return event
+
     def step(self):
         if self.closed:
             raise CollectiveError("the tensor-parallel group is closed")

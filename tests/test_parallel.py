@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from dgemma import checkpoint, parallel, sampler
 from dgemma.batch_invariant import mode
 from dgemma.kv_cache import DecodeSegment, EncodeSegment, KVCache
+from dgemma.engine import EngineConfig
 from dgemma.llm import LLM
 from dgemma.parallel import CollectiveError, ParallelConfig
 from dgemma.sampling_params import SamplingParams
@@ -277,3 +278,24 @@ def test_the_step_plan_travels_as_json_and_safetensors_not_pickle():
     assert got.counts == [2] and got.digests == ["ab"] and got.embeds is None
     assert back[1] == ("add", [5], schema, "req-2", None, None) and back[2] == ("add", [4], choice, "req-3", None, None)
     assert back[3:] == [("abort", "req-1"), ("stop",)]
+
+
+def test_a_request_the_leader_fails_is_dropped_by_the_followers_too(ck):
+    """`LeaderEngine.fail` (the server's fallback when an abort fails) sends an abort in the next step's plan, so a
+    follower's slots stay those of the leader."""
+    from types import SimpleNamespace
+
+    from dgemma.outputs import Failure
+    from dgemma.parallel_engine import LeaderEngine, decode_plan
+
+    sent = []
+    llm = LLM(ck, max_num_seqs=2, max_model_len=64)
+    tp = SimpleNamespace(broadcast_plan=lambda data: sent.append(decode_plan(data)))
+    eng = LeaderEngine(llm.model, eos_token_ids=[1], tokenizer=None, tp=tp,
+                       config=EngineConfig(max_num_seqs=2, max_model_len=64))
+    rid = eng.add_request([5, 6, 7], SamplingParams(seed=1, max_new_tokens=16))
+    eng.step()
+    assert [c[0] for c in sent[0]] == ["add"]
+    assert eng.fail(rid, Failure("internal", "test")) is not None
+    eng.step()
+    assert sent[1] == [("abort", rid)] and eng.num_running == 0
