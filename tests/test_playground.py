@@ -53,6 +53,20 @@ def open_playground(server, browser, height: int, prompt: str):
     return page
 
 
+def keep_screenshot(page, tmp_path, name: str, *earlier: str) -> None:
+    """Screenshot the whole page into tmp_path/name (it must show something), and copy it with the `earlier` shots
+    of the same test to SCRATCH for a person to look at."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    try:
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        for n in (name, *earlier):
+            shutil.copy(tmp_path / n, SCRATCH / n)
+    except OSError:
+        pass  # a CI machine without /work: the copy under tmp_path is the record
+
+
 def test_playground_shows_the_canvas_filling_in(server, browser, tmp_path):
     page = open_playground(server, browser, 860, "To be, or not to be, that is the question")
     # Knobs under which even random weights visibly converge: the temperature anneals from 1.0 to 0.02 over 8 steps,
@@ -81,15 +95,7 @@ def test_playground_shows_the_canvas_filling_in(server, browser, tmp_path):
     assert state["text"] and page.inner_text("#output") == state["text"]
     assert state["tokens"] >= 1 and float(page.inner_text("#s_tps")) > 0
     assert page.locator("#canvas .cell.committed").count() == 16  # the last canvas was committed
-    shot = tmp_path / "playground.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
-    try:
-        SCRATCH.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCRATCH / "playground.png")
-        shutil.copy(tmp_path / "playground-mid.png", SCRATCH / "playground-mid.png")
-    except OSError:
-        pass  # a CI machine without /work: the copy under tmp_path is the record
+    keep_screenshot(page, tmp_path, "playground.png", "playground-mid.png")
     page.close()
 
 
@@ -118,12 +124,5 @@ def test_playground_marks_pinned_and_constrained_positions(server, browser, tmp_
     assert first["pinned"] >= 4 and first["forced"] >= 1, state["marks"]
     page.wait_for_timeout(50)
     assert page.locator("#canvas .cell.pinned").count() == first["pinned"] or state["canvases"] > 1
-    shot = tmp_path / "playground-template.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
-    try:
-        SCRATCH.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, SCRATCH / "playground-template.png")
-    except OSError:
-        pass
+    keep_screenshot(page, tmp_path, "playground-template.png")
     page.close()
